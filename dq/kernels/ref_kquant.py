@@ -1,0 +1,254 @@
+"""Torch reference of the K-quant reference quantizers (``quantize_row_q{2..6}_K_ref`` in ggml-quants.c).
+
+The scale searches (``make_qkx2_quants``, ``make_q3_quants``, ``make_qx_quants``) run vectorized over all
+sub-blocks at once, with the per-element sums accumulated sequentially as in C so the chosen scales are
+bit-identical. The searched quantized values ``L`` never reach the output (the super-block scale is
+requantized and every weight is re-rounded against it), so only the sub-block scales and mins are kept.
+
+The search step constants (``rmin + rdelta*is + nmax``) are float32 expressions in C; they are
+precomputed here with numpy float32 so that Python's double arithmetic cannot leak in. The Triton
+kernels in :mod:`dq.kernels._triton_quant` reuse the same tables.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv
+from dq.quant.formats import QuantFormat
+
+__all__ = ["fake_quant_k", "qkx2_steps", "qx_steps", "KQUANT_PARAMS", "GROUP_MAX_EPS"]
+
+GROUP_MAX_EPS = 1e-15  # ggml-quants.c GROUP_MAX_EPS
+
+# (sub-block size, nmax, rmin, rdelta, nstep, use_mad) of each make_qkx2_quants call in the _ref paths.
+KQUANT_PARAMS: dict[QuantFormat, tuple[int, int, float, float, int, bool]] = {
+    QuantFormat.Q2_K: (16, 3, -0.5, 0.1, 15, True),
+    QuantFormat.Q4_K: (32, 15, -1.0, 0.1, 20, False),
+    QuantFormat.Q5_K: (32, 31, -0.5, 0.1, 15, False),
+}
+
+
+def qkx2_steps(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
+    """float32 numerators ``rmin + rdelta*is + nmax`` for ``is = 0..nstep`` (make_qkx2_quants)."""
+    f = np.float32
+    return np.array([(f(rmin) + f(rdelta) * f(i)) + f(nmax) for i in range(nstep + 1)], dtype=np.float32)
+
+
+def qx_steps(nmax: int) -> np.ndarray:
+    """float32 numerators ``-(nmax + 0.1f*is)`` for ``is = -9..9, is != 0`` (make_qx_quants)."""
+    f = np.float32
+    return np.array([-(f(nmax) + f(0.1) * f(i)) for i in range(-9, 10) if i != 0], dtype=np.float32)
+
+
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum along dim 1 in C loop order: ``s = 0; for i: s += t[i]``."""
+    s = t[:, 0].clone()
+    for i in range(1, t.shape[1]):
+        s = s + t[:, i]
+    return s
+
+
+def _make_qkx2(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants over rows of ``x`` ``[B, n]``; returns ``(scale, the_min)`` (``the_min = -min``)."""
+    mn = torch.clamp(x.amin(dim=1), max=0.0)  # `if (min > 0) min = 0;`
+    mx = x.amax(dim=1)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    flat = mx == mn
+    rng = torch.where(flat, torch.ones_like(mx), mx - mn)
+    xm = x - mn[:, None]
+
+    def err(scale: torch.Tensor, mn_: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        diff = (scale[:, None] * lv + mn_[:, None]) - x
+        diff = diff.abs() if use_mad else diff * diff
+        return _seq_sum(w * diff)
+
+    iscale = rdiv(float(nmax), rng)
+    scale = rdiv(1.0, iscale)
+    lv = torch.clamp(nearest_int(iscale[:, None] * xm), 0, nmax)
+    best = err(scale, mn, lv)
+    minv = mn.clone()
+    for num in qkx2_steps(nmax, rmin, rdelta, nstep):
+        # C overwrites `min` when a step wins, so later steps search from the new min
+        rng = torch.where(flat, torch.ones_like(mx), mx - minv)
+        iscale = rdiv(float(num), rng)
+        la = torch.clamp(nearest_int(iscale[:, None] * (x - minv[:, None])), 0, nmax)
+        wl = w * la
+        sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * la), _seq_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, torch.ones_like(D))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        cur = err(this_scale, this_min, la)
+        better = ok & (cur < best)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        minv = torch.where(better, this_min, minv)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    minv = torch.where(flat, mn, minv)
+    return scale, -minv
+
+
+def _make_q3(x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) over rows of ``x``; returns the scale."""
+    mx, amax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    iscale = rdiv(float(-nmax), mxs)
+    lv = torch.clamp(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx = _seq_sum(wx * lv)
+    suml2 = _seq_sum((w * lv) * lv)
+    active = torch.ones_like(zero)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(x.shape[1]):
+            li, wi, wxi, xi = lv[:, i], w[:, i], wx[:, i], x[:, i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - (wi * li) * li
+            new_l = torch.clamp(nearest_int((xi * sl2) / torch.where(slx > 0, slx, torch.ones_like(slx))), -nmax, nmax - 1)
+            slx2 = slx + wxi * new_l
+            sl22 = sl2 + (wi * new_l) * new_l
+            take = active & (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+            lv[:, i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+            changed = changed | take
+        active = active & changed  # `if (!n_changed) break;`, per block
+        if not bool(active.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
+    return torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _make_qx_rmse1(x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over rows of ``x``; returns the scale."""
+    mx, amax = first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    w = x * x
+    wx = w * x
+
+    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lv = torch.clamp(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        return _seq_sum(wx * lv), _seq_sum((w * lv) * lv)
+
+    sumlx, suml2 = sums(rdiv(float(-nmax), mxs))
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for num in qx_steps(nmax):
+        slx, sl2 = sums(rdiv(float(num), mxs))
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        new_scale = slx / torch.where(sl2 > 0, sl2, torch.ones_like(sl2))
+        scale = torch.where(better, new_scale, scale)
+        best = torch.where(better, scale * slx, best)
+    return torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> torch.Tensor:
+    # quantize_row_q4_K_ref / q5_K_ref: weights av_x + |x|, 6-bit scales and mins against the super-block max
+    sb, nmax, rmin, rdelta, nstep, mad = KQUANT_PARAMS[fmt]
+    x = b.reshape(-1, sb)
+    # sqrtf is correctly rounded; torch's CPU float32 sqrt is not always, float64 then float32 is
+    av_x = torch.sqrt(sdiv(_seq_sum(x * x), float(sb)).double()).float()
+    sc, mn = _make_qkx2(x, av_x[:, None] + x.abs(), nmax, rmin, rdelta, nstep, mad)
+    sc, mn = sc.reshape(-1, nsub), mn.reshape(-1, nsub)
+    max_scale = torch.clamp(sc.amax(dim=1), min=0.0)
+    max_min = torch.clamp(mn.amax(dim=1), min=0.0)
+    inv_s = torch.where(max_scale > 0, rdiv(63.0, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))), torch.zeros_like(max_scale))
+    inv_m = torch.where(max_min > 0, rdiv(63.0, torch.where(max_min > 0, max_min, torch.ones_like(max_min))), torch.zeros_like(max_min))
+    # `uint8_t ls = nearest_int(...); ls = MIN(63, ls);` (the uint8 cast wraps negatives)
+    ls = torch.clamp(torch.remainder(nearest_int(inv_s[:, None] * sc), 256), max=63)
+    lm = torch.clamp(torch.remainder(nearest_int(inv_m[:, None] * mn), 256), max=63)
+    d = fp16_round(sdiv(max_scale, 63.0))[:, None] * ls
+    dm = fp16_round(sdiv(max_min, 63.0))[:, None] * lm
+    xs = b.reshape(-1, nsub, sb)
+    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
+    lv = torch.clamp(nearest_int((xs + dm[..., None]) / ds), 0, nmax)
+    # `if (!d) continue;` keeps the search's L, but d*L - dm is then -dm whatever L is
+    return (d[..., None] * lv - dm[..., None]).reshape(b.shape)
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    # quantize_row_q2_K_ref: weights |x|, mean absolute deviation, 4-bit scales and mins
+    sb, nmax, rmin, rdelta, nstep, mad = KQUANT_PARAMS[QuantFormat.Q2_K]
+    x = b.reshape(-1, sb)
+    sc, mn = _make_qkx2(x, x.abs(), nmax, rmin, rdelta, nstep, mad)
+    sc, mn = sc.reshape(-1, 16), mn.reshape(-1, 16)
+    max_scale = torch.clamp(sc.amax(dim=1), min=0.0)
+    max_min = torch.clamp(mn.amax(dim=1), min=0.0)
+    has_s, has_m = max_scale > 0, max_min > 0
+    ls = nearest_int(rdiv(15.0, torch.where(has_s, max_scale, torch.ones_like(max_scale)))[:, None] * sc)
+    lm = nearest_int(rdiv(15.0, torch.where(has_m, max_min, torch.ones_like(max_min)))[:, None] * mn)
+    ls = torch.where(has_s[:, None], ls, torch.zeros_like(ls)).to(torch.int32) & 0xFF
+    lm = torch.where(has_m[:, None], lm, torch.zeros_like(lm)).to(torch.int32)
+    packed = (ls | (lm << 4)) & 0xFF  # y[i].scales[j] = l; y[i].scales[j] |= (l << 4);
+    d16 = torch.where(has_s, fp16_round(sdiv(max_scale, 15.0)), torch.zeros_like(max_scale))
+    m16 = torch.where(has_m, fp16_round(sdiv(max_min, 15.0)), torch.zeros_like(max_min))
+    d = d16[:, None] * (packed & 0xF).to(torch.float32)
+    dm = m16[:, None] * (packed >> 4).to(torch.float32)
+    xs = b.reshape(-1, 16, sb)
+    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
+    lv = torch.clamp(nearest_int((xs + dm[..., None]) / ds), 0, 3)
+    return (d[..., None] * lv - dm[..., None]).reshape(b.shape)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    # quantize_row_q3_K_ref: make_q3_quants per 16, 6-bit signed scales against the largest-|.| scale
+    sc = _make_q3(b.reshape(-1, 16), 4).reshape(-1, 16)
+    max_scale, _ = first_absmax(sc)
+    has = max_scale != 0
+    iscale = rdiv(-32.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
+    lq = torch.clamp(nearest_int(iscale[:, None] * sc), -32, 31)
+    lq = torch.where(has[:, None], lq, torch.full_like(lq, -32.0))  # memset(scales, 0) decodes to -32
+    d16 = torch.where(has, fp16_round(rdiv(1.0, iscale)), torch.zeros_like(iscale))
+    d = d16[:, None] * lq
+    xs = b.reshape(-1, 16, 16)
+    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
+    lv = torch.clamp(nearest_int(xs / ds), -4, 3)
+    return (d[..., None] * lv).reshape(b.shape)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    # quantize_row_q6_K_ref: make_qx_quants(16, 32, rmse_type 1), 8-bit scales against the largest-|.| one
+    sc = _make_qx_rmse1(b.reshape(-1, 16), 32).reshape(-1, 16)
+    max_scale, max_abs = first_absmax(sc)
+    has = max_abs >= GROUP_MAX_EPS
+    iscale = rdiv(-128.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
+    lq = torch.clamp(nearest_int(iscale[:, None] * sc), max=127)
+    d16 = torch.where(has, fp16_round(rdiv(1.0, iscale)), torch.zeros_like(iscale))
+    d = d16[:, None] * torch.where(has[:, None], lq, torch.zeros_like(lq))
+    xs = b.reshape(-1, 16, 16)
+    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
+    lv = torch.clamp(nearest_int(xs / ds), -32, 31)
+    return (d[..., None] * lv).reshape(b.shape)
+
+
+def fake_quant_k(blocks: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Fake-quantize super-blocks ``[n_blocks, 256]`` (float32) as ``quantize_row_<fmt>_ref`` then dequant.
+
+    Args:
+        blocks: ``[n_blocks, 256]`` float32 tensor.
+        fmt: Q2_K, Q3_K, Q4_K, Q5_K or Q6_K.
+
+    Returns:
+        float32 ``[n_blocks, 256]``, bit-exact with libggml.
+    """
+    if fmt is QuantFormat.Q2_K:
+        return _q2_k(blocks)
+    if fmt is QuantFormat.Q3_K:
+        return _q3_k(blocks)
+    if fmt in (QuantFormat.Q4_K, QuantFormat.Q5_K):
+        return _min_max_k(blocks, fmt, 8)
+    if fmt is QuantFormat.Q6_K:
+        return _q6_k(blocks)
+    raise ValueError(f"{fmt} is not a K-quant with a reference port")
