@@ -1,0 +1,116 @@
+"""``dq quantize``: write a GGUF with a llama.cpp preset, per-tensor overrides and an imatrix.
+
+Examples:
+    dq quantize                                   # the packaged SmolLM2-135M, Q4_K_M
+    dq quantize MODEL_DIR -o m.gguf --type IQ2_XXS --imatrix m.imatrix.gguf \\
+        --tensor-type 'attn_=Q8_0' --tensor-type '^output\\.weight=Q6_K'
+    dq quantize MODEL_DIR --type Q4_K_M --dry-run --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dq.export.atomic import check_writable
+from dq.export.gguf_quantize import predict_size, quantize_gguf
+from dq.export.source import source_gguf
+from dq.models import resolve_model
+from dq.quant.assign import TypeAssignment, assign_preset, parse_tensor_type
+from dq.quant.imatrix import read_imatrix
+from dq.quant.llama_quantize import PRESETS, parse_preset
+
+log = logging.getLogger("dq.cli.quantize")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model to GGUF", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory, unquantized .gguf, or packaged model name (default: smollm2-135m)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="output .gguf (default: ./<model>-<TYPE>.gguf)")
+    p.add_argument("--type", default="Q4_K_M", help=f"llama.cpp preset mix (default Q4_K_M): {', '.join(PRESETS)}")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="per-tensor override, as llama-quantize's (regex search on GGUF names, first match wins)")
+    p.add_argument("--imatrix", type=Path, default=None, help="importance matrix (llama.cpp GGUF imatrix format)")
+    p.add_argument("--dry-run", action="store_true", help="print every tensor's type and the exact file size; write nothing")
+    p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(func=run)
+
+
+def _summary(assignment: TypeAssignment, size: int) -> dict:
+    n = sum(c.n_elements for c in assignment.choices)
+    return {
+        "preset": assignment.preset,
+        "size_bytes": size,
+        "bits_per_weight": 8.0 * size / n,
+        "tensors": [
+            {"name": c.name, "shape": list(c.shape), "requested": c.requested.value, "type": c.stored.value,
+             "bytes": c.nbytes, "origin": c.origin}
+            for c in assignment.choices
+        ],
+        "fallbacks": [c.name for c in assignment.fallbacks],
+        "unmatched_patterns": list(assignment.unmatched_patterns),
+    }
+
+
+def _print_table(assignment: TypeAssignment, size: int) -> None:
+    w = max(len(c.name) for c in assignment.choices)
+    print(f"{'tensor':<{w}}  {'shape':>16}  {'type':>8}  {'bytes':>12}  origin")
+    for c in assignment.choices:
+        t = c.stored.value if not c.fell_back else f"{c.stored.value}*"
+        print(f"{c.name:<{w}}  {'x'.join(map(str, c.shape)):>16}  {t:>8}  {c.nbytes:>12,}  {c.origin}")
+    n = sum(c.n_elements for c in assignment.choices)
+    print(f"total: {size:,} bytes ({size / 2**20:.2f} MiB, {8.0 * size / n:.3f} bits per weight)")
+    if assignment.fallbacks:
+        print("* block-size fallback: the requested type cannot hold these rows (see the log)")
+
+
+def _report_fallbacks(assignment: TypeAssignment) -> None:
+    for pattern in assignment.unmatched_patterns:
+        log.warning("warning: --tensor-type pattern %r matched no tensor", pattern)
+    fb = assignment.fallbacks
+    if fb:
+        pairs = sorted({(c.requested.value, c.stored.value) for c in fb})
+        desc = ", ".join(f"{a} -> {b}" for a, b in pairs)
+        log.warning("warning: %d tensor(s) use a block-size fallback (%s): their row length is not a multiple "
+                    "of the requested type's block; e.g. %s", len(fb), desc, fb[0].name)
+
+
+def run(args: argparse.Namespace) -> int:
+    preset = parse_preset(args.type)
+    overrides = [parse_tensor_type(s) for s in args.tensor_type]
+    model = resolve_model(args.model)
+    output = args.output or Path(f"{model.stem if model.is_file() else model.name}-{preset}.gguf")
+    if not args.dry_run:
+        check_writable(output)
+    imatrix = read_imatrix(args.imatrix) if args.imatrix else None
+    src = source_gguf(model)
+    assignment = assign_preset(src, preset, overrides)
+    _report_fallbacks(assignment)
+    kw = dict(imatrix=imatrix, imatrix_name=args.imatrix.name if args.imatrix else None, preset_ftype=PRESETS[preset])
+    if args.dry_run:
+        size = predict_size(src, assignment, **kw)
+        if args.json:
+            json.dump(_summary(assignment, size), sys.stdout, indent=1)
+            print()
+        else:
+            _print_table(assignment, size)
+        return 0
+    from tqdm import tqdm
+
+    total = sum(c.nbytes for c in assignment.choices)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantizing {output.name}", file=sys.stderr,
+              disable=None) as bar:
+        result = quantize_gguf(src, output, assignment, n_threads=args.threads,
+                               progress=lambda c, n: bar.update(n), **kw)
+    log.info("wrote %s (%s bytes, %.3f bits per weight)", result.path, f"{result.size:,}",
+             8.0 * result.size / sum(c.n_elements for c in assignment.choices))
+    if args.json:
+        json.dump(_summary(assignment, result.size) | {"path": str(result.path)}, sys.stdout, indent=1)
+        print()
+    return 0

@@ -1,0 +1,61 @@
+"""The unquantized GGUF a quantization starts from: converted once per model and cached.
+
+A Hugging Face directory is converted to BF16 by llama.cpp's converter into
+``$DQ_CACHE/gguf/<name>-<fingerprint>/model-bf16.gguf``; the fingerprint covers the directory's path
+and the size and mtime of its config and weight files, so an edited model is converted again. A
+``.gguf`` path is used as it is, after checking it is a readable, unquantized GGUF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from dq.cache import cache_dir
+from dq.errors import CorruptFileError, ModelNotFoundError, NotAModelError
+from dq.export.convert import convert_hf_to_gguf, read_hf_config
+
+__all__ = ["source_gguf", "check_gguf"]
+
+log = logging.getLogger(__name__)
+
+
+def _fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256(str(model_dir.resolve()).encode())
+    for f in sorted(model_dir.iterdir()):
+        if f.suffix in {".json", ".safetensors", ".bin", ".model"}:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def check_gguf(path: Path) -> Path:
+    """Raise a clear error unless ``path`` is a readable GGUF file."""
+    from gguf import GGUFReader
+
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise NotAModelError(f"{path} is not a GGUF file (magic {magic!r}); pass a .gguf or a model directory")
+    try:
+        GGUFReader(path)
+    except Exception as exc:
+        raise CorruptFileError(f"{path} is a truncated or corrupt GGUF ({exc}); re-create or re-download it") from exc
+    return path
+
+
+def source_gguf(model: Path, *, cache: Path | None = None) -> Path:
+    """The BF16 GGUF for ``model`` (a HF directory or a .gguf file), converting once if needed."""
+    model = Path(model).expanduser()
+    if not model.exists():
+        raise ModelNotFoundError(f"model path {str(model)!r} does not exist")
+    if model.is_file():
+        return check_gguf(model)
+    read_hf_config(model)  # raises NotAModelError with the fix
+    out = (cache or cache_dir()) / "gguf" / f"{model.name}-{_fingerprint(model)}" / "model-bf16.gguf"
+    if out.is_file():
+        log.info("reusing converted %s", out)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert_hf_to_gguf(model, out, outtype="bf16")

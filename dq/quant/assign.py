@@ -1,0 +1,189 @@
+"""Per-tensor type assignment: llama.cpp preset mix, ``--tensor-type`` overrides, or an explicit map.
+
+The preset's own per-tensor decisions come from llama.cpp (a dry run of ``llama_model_quantize``), so
+``--type Q4_K_M`` means exactly what it means to llama-quantize. Overrides keep llama-quantize's
+meaning (``regex_search`` on the GGUF tensor name, first match wins, only tensors llama.cpp would
+quantize) but are applied on top of the preset's decisions, so overriding some layers of a class never
+shifts the preset's layer counters for the others (a llama-quantize pitfall). Block-size fallbacks are
+resolved here, from the type table, and every one is recorded: nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dq.errors import PlanError, UnknownFormatError
+from dq.quant.formats import FORMATS, QuantFormat, effective_format, parse_format, tensor_nbytes
+
+__all__ = ["TensorChoice", "TypeAssignment", "SourceTensor", "parse_tensor_type", "read_source_tensors", "assign_types"]
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor of the unquantized GGUF: name, numpy shape, stored type."""
+
+    name: str
+    shape: tuple[int, ...]
+    fmt: QuantFormat
+
+
+@dataclass(frozen=True)
+class TensorChoice:
+    """The type one tensor gets.
+
+    Attributes:
+        requested: the type asked for (preset, override or plan).
+        stored: the type really written; differs from ``requested`` only by llama.cpp's block-size fallback.
+        origin: why: ``preset Q4_K_M``, ``--tensor-type attn_v=Q8_0``, ``plan``, ``kept``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    source: QuantFormat
+    requested: QuantFormat
+    stored: QuantFormat
+    origin: str
+
+    @property
+    def fell_back(self) -> bool:
+        return self.requested is not self.stored
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.stored, self.shape)
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class TypeAssignment:
+    """Every tensor's choice, in file order, plus the override patterns that matched nothing."""
+
+    choices: tuple[TensorChoice, ...]
+    preset: str | None
+    unmatched_patterns: tuple[str, ...] = ()
+
+    @property
+    def fallbacks(self) -> list[TensorChoice]:
+        return [c for c in self.choices if c.fell_back]
+
+    def by_name(self) -> dict[str, TensorChoice]:
+        return {c.name: c for c in self.choices}
+
+
+def parse_tensor_type(spec: str) -> tuple[str, QuantFormat]:
+    """Parse llama-quantize's ``REGEX=TYPE`` (e.g. ``attn_v=q8_0``).
+
+    Raises:
+        UnknownFormatError: bad type; ValueError: missing ``=`` or an invalid regex.
+    """
+    pattern, sep, type_name = spec.rpartition("=")
+    if not sep or not pattern or not type_name:
+        raise ValueError(f"--tensor-type {spec!r} is not REGEX=TYPE, e.g. 'attn_v=Q8_0' or '^output\\.weight=Q6_K'")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"--tensor-type {spec!r}: {pattern!r} is not a valid regex ({exc})") from None
+    return pattern, parse_format(type_name)
+
+
+def read_source_tensors(gguf_path: str | Path) -> list[SourceTensor]:
+    """Tensors of a GGUF file in file order (numpy shapes)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    out = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        try:
+            fmt = parse_format(int(t.tensor_type))
+        except UnknownFormatError as exc:
+            raise PlanError(f"{gguf_path}: tensor {t.name} has a type dq does not handle ({exc})") from None
+        out.append(SourceTensor(t.name, shape, fmt))
+    return out
+
+
+def _quantizable(src: SourceTensor, preset_type: QuantFormat) -> bool:
+    # llama.cpp leaves a tensor it may not quantize (norms, 1-D, ...) in its source type.
+    return len(src.shape) >= 2 and (preset_type is not src.fmt or not FORMATS[preset_type].is_float)
+
+
+def assign_types(
+    sources: Sequence[SourceTensor],
+    *,
+    preset_types: Mapping[str, QuantFormat] | None = None,
+    preset_requested: Mapping[str, QuantFormat] | None = None,
+    preset: str | None = None,
+    overrides: Sequence[tuple[str, QuantFormat]] = (),
+    explicit: Mapping[str, QuantFormat] | None = None,
+) -> TypeAssignment:
+    """Decide every tensor's stored type.
+
+    Args:
+        sources: the unquantized file's tensors.
+        preset_types: llama.cpp's per-tensor choice for ``preset`` (see ``dq.quant.llama_quantize``).
+        preset_requested: for tensors where llama.cpp fell back, the type the preset wanted.
+        preset: the preset's name, for the ``origin`` field.
+        overrides: ``(regex, type)`` pairs; first match wins.
+        explicit: name -> type for every tensor to change (a plan); names must exist.
+
+    Returns:
+        A :class:`TypeAssignment`; patterns that matched nothing are listed in ``unmatched_patterns``.
+    """
+    names = {s.name for s in sources}
+    if explicit is not None:
+        unknown = sorted(set(explicit) - names)
+        if unknown:
+            raise PlanError(
+                f"the plan names {len(unknown)} tensor(s) the model does not have, e.g. {unknown[:3]}; "
+                f"was it made for another model? Re-run `dq plan` on this model's analysis"
+            )
+    compiled = [(re.compile(p), p, fmt) for p, fmt in overrides]
+    used: set[str] = set()
+    choices = []
+    for src in sources:
+        base = (preset_types or {}).get(src.name, src.fmt)
+        requested = (preset_requested or {}).get(src.name, base)
+        origin = f"preset {preset}" if preset and base is not src.fmt else "kept"
+        if explicit is not None and src.name in explicit:
+            requested, origin = explicit[src.name], "plan"
+        elif _quantizable(src, base):
+            for rx, pattern, fmt in compiled:
+                if rx.search(src.name):
+                    requested, origin = fmt, f"--tensor-type {pattern}={fmt}"
+                    used.add(pattern)
+                    break
+        stored = effective_format(requested, src.shape) if not FORMATS[requested].is_float else requested
+        choices.append(TensorChoice(src.name, src.shape, src.fmt, requested, stored, origin))
+    unmatched = tuple(p for _, p, _ in compiled if p not in used)
+    return TypeAssignment(tuple(choices), preset, unmatched)
+
+
+def assign_preset(
+    gguf_path: str | Path,
+    preset: str,
+    overrides: Sequence[tuple[str, QuantFormat]] = (),
+    explicit: Mapping[str, QuantFormat] | None = None,
+) -> TypeAssignment:
+    """llama.cpp's per-tensor choice for ``preset`` on this file (a dry run), then ``overrides``/``explicit``."""
+    from dq.quant.llama_quantize import llama_quantize, parse_preset
+
+    preset = parse_preset(preset)
+    decided = llama_quantize(gguf_path, None, preset, dry_run=True)
+    sources = read_source_tensors(gguf_path)
+    return assign_types(
+        sources,
+        preset_types=decided.types,
+        preset_requested=decided.requested,
+        preset=preset,
+        overrides=overrides,
+        explicit=explicit,
+    )
