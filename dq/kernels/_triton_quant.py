@@ -1,0 +1,435 @@
+"""Triton kernels: fused fake-quantization and per-row error reduction (GPU, or TRITON_INTERPRET=1).
+
+One pass reads the weights once, quantizes and dequantizes each block in registers, and reduces
+``sse``, ``wsse``, ``sumsq`` and ``wsumsq`` per program; the dequantized tensor is never written.
+
+Exactness with ggml's reference quantizers (and with :mod:`dq.kernels.ref_quant`) rests on:
+- ``enable_fp_fusion=False`` at launch, so no FMA contracts ``a*b + c`` (libggml-base has no FMA);
+- ``tl.math.div_rn`` / ``sqrt_rn``: Triton's ``/`` and ``tl.sqrt`` are approximate for float32;
+- sums that feed a scale search run sequentially per sub-block, one thread per sub-block, as the C
+  loops in ``make_qkx2_quants`` / ``make_q3_quants`` / ``make_qx_quants`` do;
+- ``nearest_int`` and ``roundf`` built from exact truncation, not from libdevice.
+
+This module imports Triton at import time; :mod:`dq.kernels.api` imports it only when asked to.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from dq.kernels.ref_kquant import KQUANT_PARAMS, qkx2_steps, qx_steps
+from dq.quant.formats import FORMATS, QuantFormat
+
+__all__ = ["quant_error_triton", "TRITON_QUANT_FORMATS"]
+
+_LEGACY = {QuantFormat.Q8_0: 0, QuantFormat.Q4_0: 1, QuantFormat.Q5_0: 2, QuantFormat.Q4_1: 3,
+           QuantFormat.Q5_1: 4, QuantFormat.TQ1_0: 5, QuantFormat.TQ2_0: 5}
+_KQ = {QuantFormat.Q2_K: 0, QuantFormat.Q3_K: 1, QuantFormat.Q4_K: 2, QuantFormat.Q5_K: 3, QuantFormat.Q6_K: 4}
+TRITON_QUANT_FORMATS = tuple(_LEGACY) + tuple(_KQ)
+
+
+@triton.jit
+def _trunc(x):
+    # exact truncation toward zero for |x| < 2^31 (cvt.rzi), clamped first so huge values saturate
+    x = tl.minimum(tl.maximum(x, -8388608.0), 8388608.0)
+    return x.to(tl.int32).to(tl.float32)
+
+
+@triton.jit
+def _rne(x):
+    # ggml-quants.c nearest_int: round half to even (the 1.5*2^23 trick), from exact operations
+    x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)
+    r = x.to(tl.int32).to(tl.float32)
+    af = tl.abs(x - r)
+    odd = (r.to(tl.int32) & 1) != 0
+    up = (af > 0.5) | ((af == 0.5) & odd)
+    return tl.where(up, r + tl.where(x < 0, -1.0, 1.0), r)
+
+
+@triton.jit
+def _roundf(x):
+    # C roundf / lroundf: half away from zero
+    x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)
+    r = x.to(tl.int32).to(tl.float32)
+    return tl.where(tl.abs(x - r) >= 0.5, r + tl.where(x < 0, -1.0, 1.0), r)
+
+
+@triton.jit
+def _fp16(x):
+    return x.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _div(a, b):
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _safe(d):
+    return tl.where(d != 0, d, 1.0)
+
+
+@triton.jit
+def _store_sums(out_ptr, pid_r, pid_c, n_chunks, x, deq, im, valid):
+    e = tl.where(valid, x - deq, 0.0)
+    xx = tl.where(valid, x, 0.0)
+    e2 = e * e
+    x2 = xx * xx
+    base = out_ptr + (pid_r * n_chunks + pid_c) * 4
+    tl.store(base + 0, tl.sum(tl.sum(e2, axis=1), axis=0))
+    tl.store(base + 1, tl.sum(tl.sum(e2 * im, axis=1), axis=0))
+    tl.store(base + 2, tl.sum(tl.sum(x2, axis=1), axis=0))
+    tl.store(base + 3, tl.sum(tl.sum(x2 * im, axis=1), axis=0))
+
+
+@triton.jit
+def _legacy_kernel(x_ptr, im_ptr, out_ptr, n_per_row, n_chunks,
+                   KIND: tl.constexpr, QK: tl.constexpr, BLOCKS: tl.constexpr, HAS_IM: tl.constexpr):
+    """Q8_0 / Q4_0 / Q5_0 / Q4_1 / Q5_1 / TQ*_0: a [BLOCKS, QK] tile per program, one row chunk."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    blk = pid_c * BLOCKS + tl.arange(0, BLOCKS)
+    j = tl.arange(0, QK)
+    col = blk[:, None] * QK + j[None, :]
+    valid = col < n_per_row
+    x = tl.load(x_ptr + pid_r.to(tl.int64) * n_per_row + col, mask=valid, other=0.0).to(tl.float32)
+    if HAS_IM:
+        im = tl.load(im_ptr + col, mask=valid, other=0.0)
+    else:
+        im = tl.full([BLOCKS, QK], 1.0, tl.float32)
+    if KIND == 0:  # quantize_row_q8_0_ref
+        d = _div(tl.max(tl.abs(x), axis=1), tl.full([BLOCKS], 127.0, tl.float32))
+        idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
+        deq = _roundf(x * idv[:, None]) * _fp16(d)[:, None]
+    elif KIND == 1 or KIND == 2:  # quantize_row_q4_0_ref / q5_0_ref: signed max of the first largest |x|
+        half: tl.constexpr = 8 if KIND == 1 else 16
+        ax = tl.abs(x)
+        amax = tl.max(ax, axis=1)
+        first = tl.min(tl.where(ax == amax[:, None], j[None, :], QK), axis=1)
+        mx = tl.sum(tl.where(j[None, :] == first[:, None], x, 0.0), axis=1)
+        d = _div(mx, tl.full([BLOCKS], -half, tl.float32))
+        idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
+        q = tl.minimum(_trunc(x * idv[:, None] + (half + 0.5)), 2 * half - 1)
+        deq = (q - half) * _fp16(d)[:, None]
+    elif KIND == 3 or KIND == 4:  # quantize_row_q4_1_ref / q5_1_ref
+        mn = tl.min(x, axis=1)
+        mx = tl.max(x, axis=1)
+        nl: tl.constexpr = 15 if KIND == 3 else 31
+        d = _div(mx - mn, tl.full([BLOCKS], nl, tl.float32))
+        idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
+        q = _trunc((x - mn[:, None]) * idv[:, None] + 0.5)
+        if KIND == 3:
+            q = tl.minimum(q, 15.0)
+        else:
+            q = (q.to(tl.int32) & 31).to(tl.float32)  # 5 bits of an uint8 are stored
+        deq = q * _fp16(d)[:, None] + _fp16(mn)[:, None]
+    else:  # quantize_row_tq1_0_ref / tq2_0_ref: lroundf(x*id) in {-1, 0, 1}
+        d = tl.max(tl.abs(x), axis=1)
+        idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
+        deq = _roundf(x * idv[:, None]) * _fp16(d)[:, None]
+    _store_sums(out_ptr, pid_r, pid_c, n_chunks, x, deq, im, valid)
+
+
+@triton.jit
+def _qkx2(xb, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP: tl.constexpr,
+          MAD: tl.constexpr, WABS: tl.constexpr):
+    """make_qkx2_quants, one sub-block per lane; weights |x| (WABS) or av_x + |x|. Returns (scale, -min)."""
+    x0 = tl.load(xb, mask=valid, other=0.0)
+    w0 = tl.abs(x0) if WABS else av + tl.abs(x0)
+    mn = x0
+    mx = x0
+    sum_w = w0
+    sum_x = w0 * x0
+    for i in range(1, SB):
+        xi = tl.load(xb + i, mask=valid, other=0.0)
+        wi = tl.abs(xi) if WABS else av + tl.abs(xi)
+        mn = tl.minimum(mn, xi)
+        mx = tl.maximum(mx, xi)
+        sum_w += wi
+        sum_x += wi * xi
+    mn = tl.where(mn > 0, 0.0, mn)
+    flat = mx == mn
+    iscale = _div(tl.zeros_like(mx) + NMAX, tl.where(flat, 1.0, mx - mn))
+    scale = _div(tl.zeros_like(mx) + 1.0, iscale)
+    best = tl.zeros_like(mx)
+    for i in range(SB):
+        xi = tl.load(xb + i, mask=valid, other=0.0)
+        wi = tl.abs(xi) if WABS else av + tl.abs(xi)
+        lv = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
+        diff = (scale * lv + mn) - xi
+        diff = tl.abs(diff) if MAD else diff * diff
+        best += wi * diff
+    for s in range(NSTEP + 1):
+        # `min` is overwritten when a step wins, so later steps search from it
+        iscale = _div(tl.zeros_like(mx) + tl.load(steps_ptr + s), tl.where(flat, 1.0, mx - mn))
+        sum_l = tl.zeros_like(mx)
+        sum_l2 = tl.zeros_like(mx)
+        sum_xl = tl.zeros_like(mx)
+        for i in range(SB):
+            xi = tl.load(xb + i, mask=valid, other=0.0)
+            wi = tl.abs(xi) if WABS else av + tl.abs(xi)
+            la = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
+            wl = wi * la
+            sum_l += wl
+            sum_l2 += wl * la
+            sum_xl += wl * xi
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        this_scale = _div(sum_w * sum_xl - sum_x * sum_l, _safe(D))
+        this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, _safe(D))
+        pos = this_min > 0
+        this_min = tl.where(pos, 0.0, this_min)
+        this_scale = tl.where(pos, _div(sum_xl, _safe(sum_l2)), this_scale)
+        cur = tl.zeros_like(mx)
+        for i in range(SB):
+            xi = tl.load(xb + i, mask=valid, other=0.0)
+            wi = tl.abs(xi) if WABS else av + tl.abs(xi)
+            la = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
+            diff = (this_scale * la + this_min) - xi
+            diff = tl.abs(diff) if MAD else diff * diff
+            cur += wi * diff
+        better = ok & (cur < best)
+        best = tl.where(better, cur, best)
+        scale = tl.where(better, this_scale, scale)
+        mn = tl.where(better, this_min, mn)
+    return tl.where(flat, 0.0, scale), -mn
+
+
+@triton.jit
+def _first_absmax_seq(xb, valid, SB: tl.constexpr):
+    x0 = tl.load(xb, mask=valid, other=0.0)
+    amax = tl.abs(x0)
+    mx = x0
+    for i in range(1, SB):
+        xi = tl.load(xb + i, mask=valid, other=0.0)
+        upd = tl.abs(xi) > amax
+        amax = tl.where(upd, tl.abs(xi), amax)
+        mx = tl.where(upd, xi, mx)
+    return mx, amax
+
+
+@triton.jit
+def _qx_rmse1(xb, valid, steps_ptr, SB: tl.constexpr, NMAX: tl.constexpr):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL), one sub-block per lane; returns the scale."""
+    mx, amax = _first_absmax_seq(xb, valid, SB)
+    zero = amax < 1e-15
+    mxs = tl.where(zero, 1.0, mx)
+    iscale = _div(tl.zeros_like(mx) - NMAX, mxs)
+    sumlx = tl.zeros_like(mx)
+    suml2 = tl.zeros_like(mx)
+    for i in range(SB):
+        xi = tl.load(xb + i, mask=valid, other=0.0)
+        lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
+        w = xi * xi
+        sumlx += (w * xi) * lv
+        suml2 += (w * lv) * lv
+    scale = tl.where(suml2 != 0, _div(sumlx, _safe(suml2)), 0.0)
+    best = scale * sumlx
+    for s in range(18):
+        iscale = _div(tl.zeros_like(mx) + tl.load(steps_ptr + s), mxs)
+        slx = tl.zeros_like(mx)
+        sl2 = tl.zeros_like(mx)
+        for i in range(SB):
+            xi = tl.load(xb + i, mask=valid, other=0.0)
+            lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
+            w = xi * xi
+            slx += (w * xi) * lv
+            sl2 += (w * lv) * lv
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        scale = tl.where(better, _div(slx, _safe(sl2)), scale)
+        best = tl.where(better, scale * slx, best)
+    return tl.where(zero, 0.0, scale)
+
+
+@triton.jit
+def _q3(xb, valid, SB: tl.constexpr):
+    """make_q3_quants(16, 4, x, L, true); the 16 L's live as 4-bit fields of one int64 per lane."""
+    mx, amax = _first_absmax_seq(xb, valid, SB)
+    zero = amax < 1e-15
+    iscale = _div(tl.zeros_like(mx) - 4.0, tl.where(zero, 1.0, mx))
+    packed = tl.zeros(mx.shape, tl.int64)
+    sumlx = tl.zeros_like(mx)
+    suml2 = tl.zeros_like(mx)
+    for i in range(SB):
+        xi = tl.load(xb + i, mask=valid, other=0.0)
+        lv = tl.minimum(tl.maximum(_rne(iscale * xi), -4.0), 3.0)
+        packed = packed | ((lv + 8.0).to(tl.int64) << (i * 4))
+        w = xi * xi
+        sumlx += (w * xi) * lv
+        suml2 += (w * lv) * lv
+    active = amax >= 0.0
+    for itry in range(5):
+        changed = amax < 0.0
+        for i in range(SB):
+            xi = tl.load(xb + i, mask=valid, other=0.0)
+            li = ((packed >> (i * 4)) & 15).to(tl.float32) - 8.0
+            w = xi * xi
+            slx = sumlx - (w * xi) * li
+            sl2 = suml2 - (w * li) * li
+            new_l = tl.minimum(tl.maximum(_rne(_div(xi * sl2, tl.where(slx > 0, slx, 1.0))), -4.0), 3.0)
+            slx2 = slx + (w * xi) * new_l
+            sl22 = sl2 + (w * new_l) * new_l
+            take = active & (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+            field = tl.full(mx.shape, 15, tl.int64) << (i * 4)
+            upd = (packed & ~field) | ((new_l + 8.0).to(tl.int64) << (i * 4))
+            packed = tl.where(take, upd, packed)
+            sumlx = tl.where(take, slx2, sumlx)
+            suml2 = tl.where(take, sl22, suml2)
+            changed = changed | take
+        active = active & changed
+    scale = tl.where(suml2 > 0, _div(sumlx, _safe(suml2)), 0.0)
+    return tl.where(zero, 0.0, scale)
+
+
+@triton.jit
+def _first_absmax_2d(s, NSUB: tl.constexpr):
+    a = tl.abs(s)
+    amax = tl.max(a, axis=1)
+    jj = tl.arange(0, NSUB)
+    first = tl.min(tl.where(a == amax[:, None], jj[None, :], NSUB), axis=1)
+    return tl.sum(tl.where(jj[None, :] == first[:, None], s, 0.0), axis=1), amax
+
+
+@triton.jit
+def _kquant_kernel(x_ptr, im_ptr, out_ptr, steps_ptr, n_per_row, n_chunks,
+                   KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr):
+    """Q2_K..Q6_K (quantize_row_q*_K_ref): NSUPER super-blocks of 256 per program, one lane per sub-block."""
+    NSUB: tl.constexpr = 256 // SB
+    S: tl.constexpr = NSUPER * NSUB
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    sub = tl.arange(0, S)
+    col0 = pid_c * (NSUPER * 256) + sub * SB
+    valid = col0 < n_per_row
+    row_ptr = x_ptr + pid_r.to(tl.int64) * n_per_row
+    xb = row_ptr + col0
+    zero2 = tl.zeros([NSUPER, NSUB], tl.float32)
+    if KIND == 0 or KIND == 2 or KIND == 3:
+        if KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
+            sc, mn = _qkx2(xb, valid, steps_ptr, 0.0, SB, 3, 15, True, True)
+        else:  # Q4_K / Q5_K: weights av_x + |x|
+            sum_x2 = tl.zeros([S], tl.float32)
+            for i in range(SB):
+                xi = tl.load(xb + i, mask=valid, other=0.0)
+                sum_x2 += xi * xi
+            av = tl.math.sqrt_rn(_div(sum_x2, tl.zeros_like(sum_x2) + 32.0))
+            if KIND == 2:
+                sc, mn = _qkx2(xb, valid, steps_ptr, av, SB, 15, 20, False, False)
+            else:
+                sc, mn = _qkx2(xb, valid, steps_ptr, av, SB, 31, 15, False, False)
+        sc2 = tl.reshape(sc, [NSUPER, NSUB])
+        mn2 = tl.reshape(mn, [NSUPER, NSUB])
+        max_scale = tl.maximum(tl.max(sc2, axis=1), 0.0)
+        max_min = tl.maximum(tl.max(mn2, axis=1), 0.0)
+        if KIND == 0:
+            has_s = max_scale > 0
+            has_m = max_min > 0
+            ls = _rne(_div(tl.zeros_like(max_scale) + 15.0, _safe(max_scale))[:, None] * sc2)
+            lm = _rne(_div(tl.zeros_like(max_min) + 15.0, _safe(max_min))[:, None] * mn2)
+            ls = tl.where(has_s[:, None], ls, zero2).to(tl.int32) & 255
+            lm = tl.where(has_m[:, None], lm, zero2).to(tl.int32)
+            packed = (ls | (lm << 4)) & 255  # y[i].scales[j] = l; |= (l << 4)
+            d16 = tl.where(has_s, _fp16(_div(max_scale, tl.zeros_like(max_scale) + 15.0)), 0.0)
+            m16 = tl.where(has_m, _fp16(_div(max_min, tl.zeros_like(max_min) + 15.0)), 0.0)
+            d2 = d16[:, None] * (packed & 15).to(tl.float32)
+            dm2 = m16[:, None] * (packed >> 4).to(tl.float32)
+            NMIN: tl.constexpr = 0
+            NTOP: tl.constexpr = 3
+        else:
+            inv_s = tl.where(max_scale > 0, _div(tl.zeros_like(max_scale) + 63.0, _safe(max_scale)), 0.0)
+            inv_m = tl.where(max_min > 0, _div(tl.zeros_like(max_min) + 63.0, _safe(max_min)), 0.0)
+            ls = tl.minimum((_rne(inv_s[:, None] * sc2).to(tl.int32) & 255).to(tl.float32), 63.0)
+            lm = tl.minimum((_rne(inv_m[:, None] * mn2).to(tl.int32) & 255).to(tl.float32), 63.0)
+            d2 = _fp16(_div(max_scale, tl.zeros_like(max_scale) + 63.0))[:, None] * ls
+            dm2 = _fp16(_div(max_min, tl.zeros_like(max_min) + 63.0))[:, None] * lm
+            NMIN: tl.constexpr = 0
+            NTOP: tl.constexpr = 15 if KIND == 2 else 31
+    elif KIND == 1:  # Q3_K: make_q3_quants, signed 6-bit scales against the first largest |scale|
+        sc2 = tl.reshape(_q3(xb, valid, SB), [NSUPER, NSUB])
+        max_scale, _amax = _first_absmax_2d(sc2, NSUB)
+        has = max_scale != 0
+        iscale = _div(tl.zeros_like(max_scale) - 32.0, _safe(max_scale))
+        lq = tl.minimum(tl.maximum(_rne(iscale[:, None] * sc2), -32.0), 31.0)
+        lq = tl.where(has[:, None], lq, zero2 - 32.0)
+        d16 = tl.where(has, _fp16(_div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
+        d2 = d16[:, None] * lq
+        dm2 = zero2
+        NMIN: tl.constexpr = -4
+        NTOP: tl.constexpr = 3
+    else:  # Q6_K: make_qx_quants(16, 32, rmse_type 1), int8 scales against the first largest |scale|
+        sc2 = tl.reshape(_qx_rmse1(xb, valid, steps_ptr, SB, 32), [NSUPER, NSUB])
+        max_scale, amax = _first_absmax_2d(sc2, NSUB)
+        has = amax >= 1e-15
+        iscale = _div(tl.zeros_like(max_scale) - 128.0, tl.where(has, max_scale, 1.0))
+        lq = tl.minimum(_rne(iscale[:, None] * sc2), 127.0)
+        d16 = tl.where(has, _fp16(_div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
+        d2 = d16[:, None] * tl.where(has[:, None], lq, zero2)
+        dm2 = zero2
+        NMIN: tl.constexpr = -32
+        NTOP: tl.constexpr = 31
+    # requantize every weight against its sub-block's (d, dm) and reduce the error
+    d = tl.reshape(d2, [S])
+    dm = tl.reshape(dm2, [S])
+    j = tl.arange(0, SB)
+    col = col0[:, None] + j[None, :]
+    v2 = valid[:, None] & (col < n_per_row)
+    x = tl.load(row_ptr + col, mask=v2, other=0.0)
+    if HAS_IM:
+        im = tl.load(im_ptr + col, mask=v2, other=0.0)
+    else:
+        im = tl.full([S, SB], 1.0, tl.float32)
+    lv = tl.minimum(tl.maximum(_rne(_div(x + dm[:, None], _safe(d)[:, None])), NMIN), NTOP)
+    deq = d[:, None] * lv - dm[:, None]
+    _store_sums(out_ptr, pid_r, pid_c, n_chunks, x, deq, im, v2)
+
+
+@functools.cache
+def _steps(fmt: QuantFormat, device: str) -> torch.Tensor:
+    if fmt in KQUANT_PARAMS:
+        _, nmax, rmin, rdelta, nstep, _ = KQUANT_PARAMS[fmt]
+        arr = qkx2_steps(nmax, rmin, rdelta, nstep)
+    else:
+        arr = qx_steps(32)
+    return torch.from_numpy(arr).to(device)
+
+
+def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-row ``sse``/``wsse``/``sumsq``/``wsumsq`` of ``weight`` fake-quantized as ``fmt``, in one pass.
+
+    Args:
+        weight: ``[rows, n_per_row]`` float32 tensor (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        fmt: one of :data:`TRITON_QUANT_FORMATS`.
+        imatrix: optional ``[n_per_row]`` importance weights.
+
+    Returns:
+        dict of float32 ``[rows]`` tensors, as :func:`dq.kernels.ref_quant.error_sums`.
+    """
+    x = weight.to(torch.float32).contiguous()
+    rows, n = x.shape
+    spec = FORMATS[fmt]
+    im = imatrix.to(device=x.device, dtype=torch.float32).contiguous() if imatrix is not None else x
+    if fmt in _LEGACY:
+        qk = spec.block_size
+        blocks = 128 if qk == 32 else 16
+        n_chunks = triton.cdiv(n // qk, blocks)
+        out = torch.empty(rows, n_chunks, 4, device=x.device, dtype=torch.float32)
+        _legacy_kernel[(rows, n_chunks)](
+            x, im, out, n, n_chunks, KIND=_LEGACY[fmt], QK=qk, BLOCKS=blocks, HAS_IM=imatrix is not None,
+            num_warps=4, enable_fp_fusion=False,
+        )
+    else:
+        sb = 32 if fmt in (QuantFormat.Q4_K, QuantFormat.Q5_K) else 16
+        nsuper = 128 * sb // 256
+        n_chunks = triton.cdiv(n // 256, nsuper)
+        out = torch.empty(rows, n_chunks, 4, device=x.device, dtype=torch.float32)
+        steps = _steps(fmt, str(x.device))
+        _kquant_kernel[(rows, n_chunks)](
+            x, im, out, steps, n, n_chunks, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper, HAS_IM=imatrix is not None,
+            num_warps=4, enable_fp_fusion=False,
+        )
+    tot = out.to(torch.float64).sum(dim=1).to(torch.float32)
+    return {"sse": tot[:, 0], "wsse": tot[:, 1], "sumsq": tot[:, 2], "wsumsq": tot[:, 3]}
