@@ -1,0 +1,96 @@
+"""Per-tensor GGUF quantization on a tiny real Llama, held to llama.cpp's own quantizer byte for byte."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from dq.cli import main
+from dq.export.gguf_quantize import predict_size, quantize_gguf
+from dq.quant.assign import assign_preset, assign_types, read_source_tensors
+from dq.quant.formats import QuantFormat
+from dq.quant.imatrix import read_imatrix, write_imatrix
+from dq.quant.llama_quantize import PRESETS, llama_quantize
+from tests.imatrix_oracle import torch_imatrix
+
+
+def _tensors(path):
+    return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data).view(np.uint8).reshape(-1)))
+            for t in GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def tiny_imatrix(tiny_llama_dir, tmp_path_factory):
+    from dq.data import calibration_text
+
+    im = torch_imatrix(tiny_llama_dir, calibration_text()[:4000], n_tokens=256)
+    return write_imatrix(tmp_path_factory.mktemp("im") / "tiny.imatrix.gguf", im)
+
+
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q2_K", "IQ2_XXS"])
+def test_preset_bytes_equal_llama_cpp(preset, tiny_bf16_gguf, tiny_imatrix, tmp_path):
+    imatrix = read_imatrix(tiny_imatrix)
+    assignment = assign_preset(tiny_bf16_gguf, preset)
+    ours = quantize_gguf(tiny_bf16_gguf, tmp_path / "dq.gguf", assignment, imatrix=imatrix,
+                         preset_ftype=PRESETS[preset])
+    llama_quantize(tiny_bf16_gguf, tmp_path / "ref.gguf", preset, imatrix=imatrix.flat_weights())
+    a, b = _tensors(ours.path), _tensors(tmp_path / "ref.gguf")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name][0] == b[name][0], name
+        assert a[name][1] == b[name][1], f"{name} bytes differ from llama.cpp's"
+    assert not assignment.fallbacks  # widths are multiples of 256
+
+
+def test_imatrix_file_round_trip(tiny_imatrix):
+    im = read_imatrix(tiny_imatrix)
+    assert im.chunk_size == 256 and im.datasets == ("test",)
+    e = im.entries["blk.0.ffn_down.weight"]
+    assert e.sums.shape == (1, 512) and e.counts.tolist() == [256.0]
+    np.testing.assert_allclose(e.weights(), e.sums / 256.0)
+
+
+def test_explicit_plan_types_are_exactly_what_is_written(tiny_bf16_gguf, tiny_imatrix, tmp_path):
+    sources = read_source_tensors(tiny_bf16_gguf)
+    explicit = {s.name: QuantFormat.IQ1_S for s in sources if "ffn" in s.name and len(s.shape) == 2}
+    explicit["token_embd.weight"] = QuantFormat.Q8_0
+    explicit["output.weight"] = QuantFormat.Q6_K
+    explicit["blk.1.attn_v.weight"] = QuantFormat.TQ1_0
+    a = assign_types(sources, explicit=explicit)
+    out = quantize_gguf(tiny_bf16_gguf, tmp_path / "mix.gguf", a, imatrix=read_imatrix(tiny_imatrix))
+    written = {t.name: t.tensor_type.name for t in GGUFReader(out.path).tensors}
+    for name, fmt in explicit.items():
+        assert written[name] == fmt.value
+    assert out.size == predict_size(tiny_bf16_gguf, a, imatrix=read_imatrix(tiny_imatrix))
+
+
+def test_interrupted_write_leaves_nothing(tiny_bf16_gguf, tmp_path):
+    a = assign_preset(tiny_bf16_gguf, "Q8_0")
+
+    def stop(choice, n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_gguf(tiny_bf16_gguf, tmp_path / "m.gguf", a, progress=stop)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_dry_run_size_equals_written_size(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--type", "Q4_K_M", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not out.exists()
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--type", "Q4_K_M",
+                 "--tensor-type", "attn_v=Q8_0"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--type", "Q4_K_M",
+                 "--tensor-type", "attn_v=Q8_0", "--dry-run", "--json"]) == 0
+    plan2 = json.loads(capsys.readouterr().out)
+    assert plan2["size_bytes"] == out.stat().st_size
+    assert plan["size_bytes"] != plan2["size_bytes"]
+    written = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert {written[f"blk.{i}.attn_v.weight"] for i in range(2)} == {"Q8_0"}
+    assert {t["name"]: t["type"] for t in plan2["tensors"]} == written
