@@ -75,10 +75,12 @@ def test_output_not_writable(capsys, tiny_llama_dir, tmp_path):
         import os
 
         if os.access(ro, os.W_OK):  # root ignores permission bits: use a directory the kernel owns
-            ro = Path("/proc/1")
-        if os.access(ro, os.W_OK):
+            target = Path("/proc/1")
+        else:
+            target = ro
+        if os.access(target, os.W_OK):
             pytest.skip("no read-only directory available on this machine")
-        code, err = _run(capsys, str(tiny_llama_dir), "-o", str(ro / "o.gguf"))
+        code, err = _run(capsys, str(tiny_llama_dir), "-o", str(target / "o.gguf"))
         assert code == 2 and "not writable" in err
     finally:
         ro.chmod(0o700)
