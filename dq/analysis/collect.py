@@ -1,0 +1,234 @@
+"""Forward hooks that gather calibration statistics inside one decoder block.
+
+For every linear-like module (``nn.Linear`` and routers: a leaf with a 2-D ``weight``) the hooks sum
+squared inputs per input column and count tokens (llama-imatrix's ``in_sum2``/``counts``), keep the
+inputs of a fixed, seeded subset of calibration tokens (for activation error), and for down
+projections the max |input| per channel, max |output| per channel and the input vector at the token
+where the largest output occurs (super-weight detection).
+
+Transformers-5 MoE layers hold their experts as fused 3-D parameters (``gate_up_proj [E, 2I, H]``,
+``down_proj [E, H, I]``) inside one module called as ``experts(hidden, top_k_index, top_k_weights)``.
+A pre-hook on that module sees the routing, so each expert counts only the tokens routed to it; its
+down-projection inputs ``act(x Wg^T) * (x Wu^T)`` are recomputed from the expert's own weights (the
+same arithmetic as the module's eager forward), which works whatever kernel the module dispatches to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from dq.analysis.names import NameMapper
+from dq.analysis.roles import TensorRole, classify
+
+__all__ = ["TensorStats", "BlockCollector", "is_linear_like", "expert_params"]
+
+_DOWN_ROLES = (TensorRole.FFN_DOWN, TensorRole.SHARED_DOWN, TensorRole.EXPERT_DOWN)
+
+
+@dataclass
+class TensorStats:
+    """Accumulated statistics of one GGUF weight tensor (``n_mat`` = experts, 1 for a plain weight).
+
+    Attributes:
+        name: GGUF tensor name.
+        param: transformers parameter name.
+        sums: float64 ``[n_mat, in]``, sum of x^2 per input column.
+        counts: ``[n_mat]`` tokens seen (routed tokens for experts).
+        samples: per matrix, the inputs of the sampled calibration tokens (list of ``[t, in]`` arrays).
+        in_max / out_max: ``[n_mat, in]`` / ``[n_mat, out]`` max |x| and |y| per channel (down projections).
+        peak: per matrix ``(|y| max, row, token, x at that token)`` (down projections).
+        expert: for merged expert tensors, which slice of the fused parameter (``gate``, ``up``, ``down``).
+    """
+
+    name: str
+    param: str
+    n_mat: int
+    n_in: int
+    n_out: int
+    track_spikes: bool = False
+    expert: str | None = None
+    sums: np.ndarray = field(init=False)
+    counts: np.ndarray = field(init=False)
+    samples: list[list[np.ndarray]] = field(init=False)
+    in_max: np.ndarray | None = field(init=False, default=None)
+    out_max: np.ndarray | None = field(init=False, default=None)
+    peak: list[tuple[float, int, int, np.ndarray | None]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sums = np.zeros((self.n_mat, self.n_in), dtype=np.float64)
+        self.counts = np.zeros(self.n_mat, dtype=np.int64)
+        self.samples = [[] for _ in range(self.n_mat)]
+        self.peak = [(0.0, -1, -1, None) for _ in range(self.n_mat)]
+        if self.track_spikes:
+            self.in_max = np.zeros((self.n_mat, self.n_in), dtype=np.float32)
+            self.out_max = np.zeros((self.n_mat, self.n_out), dtype=np.float32)
+
+    def add(self, e: int, x: torch.Tensor, token_ids: np.ndarray, sampled: np.ndarray,
+            y: torch.Tensor | None = None) -> None:
+        """Accumulate inputs ``x [t, in]`` (and outputs ``y [t, out]``) of matrix ``e``."""
+        if x.shape[0] == 0:
+            return
+        xf = x.detach().float()
+        self.sums[e] += (xf.double() ** 2).sum(0).cpu().numpy()
+        self.counts[e] += x.shape[0]
+        keep = sampled[token_ids]
+        if keep.any():
+            self.samples[e].append(xf[torch.from_numpy(keep).to(xf.device)].cpu().numpy())
+        if self.track_spikes and y is not None:
+            ax, ay = xf.abs(), y.detach().float().abs()
+            np.maximum(self.in_max[e], ax.amax(0).cpu().numpy(), out=self.in_max[e])
+            np.maximum(self.out_max[e], ay.amax(0).cpu().numpy(), out=self.out_max[e])
+            flat = int(torch.argmax(ay))
+            t, r = divmod(flat, ay.shape[1])
+            v = float(ay[t, r])
+            if v > self.peak[e][0]:
+                self.peak[e] = (v, r, int(token_ids[t]), xf[t].cpu().numpy())
+
+    def sample_matrix(self, e: int) -> np.ndarray | None:
+        return np.concatenate(self.samples[e]) if self.samples[e] else None
+
+
+def is_linear_like(mod: nn.Module) -> bool:
+    """``nn.Linear`` or a leaf module whose only matrix is a 2-D ``weight`` used as ``x @ W^T`` (routers)."""
+    if isinstance(mod, nn.Linear):
+        return True
+    if isinstance(mod, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or any(True for _ in mod.children()):
+        return False
+    w = getattr(mod, "weight", None)
+    return isinstance(w, torch.Tensor) and w.ndim == 2 and set(dict(mod.named_parameters())) <= {"weight", "bias"}
+
+
+def expert_params(mod: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The fused 3-D expert parameters of a transformers-5 experts module, or None."""
+    p = dict(mod.named_parameters(recurse=False))
+    if "down_proj" in p and p["down_proj"].ndim == 3 and ("gate_up_proj" in p or "gate_proj" in p):
+        return p
+    return None
+
+
+def _split_gate_up(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s gate and up weights as ``[I, H]`` (out, in)."""
+    transposed = bool(getattr(mod, "is_transposed", False))
+    if "gate_up_proj" in p:
+        gu = p["gate_up_proj"][e]
+        gu = gu.T if transposed else gu
+        inter = gu.shape[0] // 2
+        return gu[:inter], gu[inter:]  # Mixtral/Qwen-MoE layout: .chunk(2, dim=-1) of the output
+    g, u = p["gate_proj"][e], p["up_proj"][e]
+    return (g.T, u.T) if transposed else (g, u)
+
+
+def _down(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> torch.Tensor:
+    d = p["down_proj"][e]
+    return d.T if bool(getattr(mod, "is_transposed", False)) else d
+
+
+def _first_tensor(args: tuple, kwargs: dict, key: str) -> torch.Tensor:
+    if args:
+        return args[0]
+    return kwargs[key]
+
+
+class BlockCollector:
+    """Hooks on one block's modules; ``tokens(ids)`` tells them which calibration tokens flow next.
+
+    Args:
+        block: the decoder layer (or any module) to instrument.
+        block_path: its module path in the model.
+        mapper: HF -> GGUF names.
+        sampled: boolean mask over all calibration token ids: which inputs to keep.
+    """
+
+    def __init__(self, block: nn.Module, block_path: str, mapper: NameMapper, sampled: np.ndarray) -> None:
+        self.block = block
+        self.block_path = block_path
+        self.mapper = mapper
+        self.sampled = sampled
+        self.stats: dict[str, TensorStats] = {}
+        self.experts: dict[str, tuple[str, str, str]] = {}  # module path -> (gate, up, down) GGUF names
+        self._token_ids = np.zeros(0, dtype=np.int64)
+        self._handles: list = []
+
+    def tokens(self, token_ids: np.ndarray) -> None:
+        self._token_ids = token_ids
+
+    def __enter__(self) -> BlockCollector:
+        for rel, mod in self.block.named_modules():
+            path = f"{self.block_path}.{rel}" if rel else self.block_path
+            ep = expert_params(mod)
+            if ep is not None:
+                self._install_experts(path, mod, ep)
+            elif is_linear_like(mod):
+                self._install_linear(path, mod)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _install_linear(self, path: str, mod: nn.Module) -> None:
+        name = self.mapper.gguf_name(f"{path}.weight")
+        out_f, in_f = mod.weight.shape
+        st = TensorStats(name, f"{path}.weight", 1, in_f, out_f, track_spikes=classify(name) in _DOWN_ROLES)
+        self.stats[name] = st
+
+        def hook(module, args, kwargs, output):
+            x = _first_tensor(args, kwargs, "input")
+            x2 = x.reshape(-1, x.shape[-1])
+            y = None
+            if st.track_spikes:
+                y = (output[0] if isinstance(output, tuple) else output).reshape(-1, out_f)
+            st.add(0, x2, self._ids_for(x2.shape[0]), self.sampled, y)
+
+        self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+
+    def _ids_for(self, n: int) -> np.ndarray:
+        ids = self._token_ids
+        if len(ids) != n:  # a module that sees a different token count (should not happen in a block)
+            raise RuntimeError(f"hooked module saw {n} tokens, the runner announced {len(ids)}")
+        return ids
+
+    def _install_experts(self, path: str, mod: nn.Module, p: dict[str, torch.Tensor]) -> None:
+        names = self.mapper.expert_names(path)
+        n_exp = p["down_proj"].shape[0]
+        g0, _ = _split_gate_up(mod, p, 0)
+        d0 = _down(mod, p, 0)
+        inter, hidden = g0.shape
+        param_gu = f"{path}.gate_up_proj" if "gate_up_proj" in p else f"{path}.gate_proj"
+        gate = TensorStats(names.gate, param_gu, n_exp, hidden, inter, expert="gate")
+        up = TensorStats(names.up, f"{path}.gate_up_proj" if "gate_up_proj" in p else f"{path}.up_proj",
+                         n_exp, hidden, inter, expert="up")
+        down = TensorStats(names.down, f"{path}.down_proj", n_exp, inter, d0.shape[0], track_spikes=True,
+                           expert="down")
+        self.stats.update({names.gate: gate, names.up: up, names.down: down})
+        self.experts[path] = (names.gate, names.up, names.down)
+        act: Callable[[torch.Tensor], torch.Tensor] = mod.act_fn
+
+        def pre_hook(module, args, kwargs):
+            x = _first_tensor(args, kwargs, "hidden_states")
+            idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            ids = self._ids_for(x2.shape[0])
+            idx = idx.reshape(x2.shape[0], -1)
+            with torch.no_grad():
+                for e in range(n_exp):
+                    rows = (idx == e).any(-1).nonzero().flatten()
+                    if rows.numel() == 0:
+                        continue
+                    xe = x2[rows]
+                    ide = ids[rows.cpu().numpy()]
+                    gate.add(e, xe, ide, self.sampled)
+                    up.add(e, xe, ide, self.sampled)
+                    wg, wu = _split_gate_up(module, p, e)
+                    h = act(xe @ wg.float().T) * (xe @ wu.float().T)
+                    y = h @ _down(module, p, e).float().T
+                    down.add(e, h, ide, self.sampled, y)
+            return None
+
+        self._handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))

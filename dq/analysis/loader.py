@@ -1,0 +1,306 @@
+"""A transformers model skeleton whose weights are loaded one module at a time from safetensors.
+
+The model is built from its config with transformers' own classes on the meta device (buffers such as
+rotary frequencies stay real), so any causal LM or image-text-to-text model transformers supports runs
+unchanged. Checkpoint keys are mapped to module parameters with transformers' own checkpoint
+conversion rules (renamings and fused-expert merges, ``transformers.conversion_mapping``), computed
+once; :meth:`ModelSkeleton.load` then materialises just the parameters under one module prefix, and
+:meth:`ModelSkeleton.free` sends them back to ``meta``. Peak memory is one module's weights.
+
+Example:
+    >>> sk = ModelSkeleton.open(model_dir)                 # doctest: +SKIP
+    >>> sk.load(sk.layer_prefix(0)); ...; sk.free(sk.layer_prefix(0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dq.errors import AnalysisError, ModelNotFoundError, NotAModelError, UnsupportedArchitectureError
+
+__all__ = ["ModelSkeleton", "load_config"]
+
+log = logging.getLogger(__name__)
+
+_VISION_RX = re.compile(r"(^|\.)(vision_tower|visual|vision_model|multi_modal_projector|mm_projector|vit)(\.|$)")
+
+
+def load_config(model_dir: Path):
+    """The model's transformers config, with clear errors for a missing or unknown model."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise ModelNotFoundError(f"model path {str(model_dir)!r} does not exist")
+    cfg_path = model_dir / "config.json"
+    if not model_dir.is_dir() or not cfg_path.is_file():
+        raise NotAModelError(
+            f"{model_dir} is not a Hugging Face model directory (no config.json); `dq analyze` needs the "
+            f"safetensors checkpoint, not a GGUF"
+        )
+    raw = json.loads(cfg_path.read_text())
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedArchitectureError(
+            f"unknown architecture: model_type {raw.get('model_type')!r} / architectures "
+            f"{raw.get('architectures')} in {cfg_path} is not known to this transformers; upgrade transformers "
+            f"or fix config.json ({exc})"
+        ) from exc
+
+
+def _build_meta_model(config):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    errors = []
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        try:
+            with init_empty_weights(include_buffers=False):
+                return auto.from_config(config, dtype=torch.float32)
+        except ValueError as exc:  # "Unrecognized configuration class ..."
+            errors.append(str(exc).splitlines()[0])
+    raise UnsupportedArchitectureError(
+        f"unknown architecture: transformers has no causal-LM or image-text-to-text class for model_type "
+        f"{config.model_type!r} ({'; '.join(errors)}); `dq analyze` supports models transformers can run"
+    )
+
+
+def _find_decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
+    found = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers" and len(mod) == n_layers
+        and not _VISION_RX.search(name)
+    ]
+    if not found:
+        raise UnsupportedArchitectureError(
+            f"could not find the {n_layers} decoder layers of {type(model).__name__}; `dq analyze` needs a "
+            f"transformers model with a `layers` ModuleList"
+        )
+    return found[0]
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise NotAModelError(f"{model_dir} has no .safetensors weights; `dq analyze` reads safetensors checkpoints")
+    return files
+
+
+@dataclass
+class ModelSkeleton:
+    """A meta-device model plus a map from its parameters to checkpoint tensors.
+
+    Attributes:
+        model_dir: the Hugging Face directory.
+        config: the full config; ``text_config`` is the language model's (the same object for text models).
+        model: the transformers model, parameters on ``meta`` until loaded.
+        layers_path: module path of the decoder ``ModuleList`` (``model.layers``, ``model.language_model.layers``).
+        text_model_path: module path of the module that owns the layers (its forward embeds tokens).
+    """
+
+    model_dir: Path
+    config: Any
+    text_config: Any
+    model: nn.Module
+    layers_path: str
+    text_model_path: str
+    _targets: dict[str, list[str]] = field(default_factory=dict)  # param prefix -> checkpoint keys
+    _key_file: dict[str, Path] = field(default_factory=dict)
+    _handles: dict[Path, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @classmethod
+    def open(cls, model_dir: str | Path, device: str = "cpu") -> ModelSkeleton:
+        """Build the skeleton of the model in ``model_dir`` (nothing but buffers is loaded)."""
+        from safetensors import safe_open
+
+        model_dir = Path(model_dir)
+        config = load_config(model_dir)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        model = _build_meta_model(config)
+        model.eval()
+        n_layers = int(text_config.num_hidden_layers)
+        layers_path, _ = _find_decoder_layers(model, n_layers)
+        sk = cls(model_dir, config, text_config, model, layers_path, layers_path.rsplit(".", 1)[0], device=device)
+        for f in _checkpoint_files(model_dir):
+            h = safe_open(str(f), framework="pt")
+            sk._handles[f] = h
+            for k in h.keys():
+                sk._key_file[k] = f
+        sk._map_keys()
+        return sk
+
+    def _map_keys(self) -> None:
+        # transformers' own checkpoint -> module renaming (internal API of transformers 5; a plain identity
+        # mapping is the fallback for checkpoints saved in module layout).
+        meta_sd = self.model.state_dict()
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+            mapping = get_model_conversion_mapping(self.model)
+            renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+            converters = [m for m in mapping if isinstance(m, WeightConverter)]
+            self._weight_mapping = mapping
+
+            def target(k: str) -> str:
+                t, _ = rename_source_key(k, renamings, converters, self.model.base_model_prefix, meta_sd)
+                if t not in meta_sd and k in meta_sd:
+                    return k
+                return t
+        except ImportError:  # pragma: no cover - older transformers
+            self._weight_mapping = None
+
+            def target(k: str) -> str:
+                return k
+        targets: dict[str, list[str]] = defaultdict(list)
+        for k in self._key_file:
+            t = target(k)
+            if t not in meta_sd:
+                log.debug("checkpoint tensor %s (-> %s) has no parameter in the model; ignored", k, t)
+                continue
+            targets[t].append(k)
+        self._targets = dict(targets)
+
+    # -- module paths ---------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.layers_path}.{i}"
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path) if path else self.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.module(self.text_model_path)
+
+    def output_head_path(self) -> str | None:
+        """Module path of the LM head (``lm_head``), if the model has one."""
+        out = self.model.get_output_embeddings()
+        for name, mod in self.model.named_modules():
+            if mod is out:
+                return name
+        return None
+
+    def vision_params(self) -> list[str]:
+        """Parameter names outside the text model and LM head (vision tower, projector)."""
+        head = self.output_head_path()
+        out = []
+        for name, _ in self.model.named_parameters():
+            if name.startswith(self.text_model_path + ".") or (head and name.startswith(head + ".")):
+                continue
+            out.append(name)
+        return out
+
+    def tied_output(self) -> bool:
+        return bool(getattr(self.text_config, "tie_word_embeddings", False) or
+                    getattr(self.config, "tie_word_embeddings", False))
+
+    # -- loading --------------------------------------------------------------------------------------
+    def _params_under(self, prefixes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[str]:
+        return [
+            n for n, _ in self.model.named_parameters(remove_duplicate=False)
+            if any(n == p or n.startswith(p + ".") for p in prefixes)
+            and not any(n.startswith(e + ".") for e in exclude)
+        ]
+
+    def load(self, *prefixes: str, exclude: tuple[str, ...] = ()) -> list[str]:
+        """Load every parameter under the module ``prefixes`` (float32, on ``device``); return their names.
+
+        Raises:
+            AnalysisError: the checkpoint lacks a parameter the model needs.
+        """
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        names = self._params_under(prefixes, exclude)
+        wanted = [n for n in names if self.module_param(n).is_meta]
+        sd: dict[str, Any] = {}
+        missing = []
+        for n in wanted:
+            keys = self._targets.get(n)
+            if not keys:
+                missing.append(n)
+                continue
+            for k in keys:
+                sd[k] = self._handles[self._key_file[k]].get_slice(k)
+        if sd:
+            cfg = LoadStateDictConfig(
+                pretrained_model_name_or_path=str(self.model_dir), weight_mapping=self._weight_mapping,
+                dtype=torch.float32, device_map={"": self.device},
+            )
+            convert_and_load_state_dict_in_model(self.model, sd, cfg)
+        if missing:
+            tied = self._tie(missing)
+            missing = [m for m in missing if m not in tied]
+        still = [n for n in wanted if self.module_param(n).is_meta]
+        if missing or still:
+            raise AnalysisError(
+                f"the checkpoint in {self.model_dir} lacks {len(set(missing) | set(still))} parameter(s) the model "
+                f"needs, e.g. {sorted(set(missing) | set(still))[:3]}; is the safetensors file complete?"
+            )
+        for n in names:  # the loader keeps checkpoint dtype for some tensors; compute in float32
+            p = self.module_param(n)
+            if p.dtype != torch.float32 and p.is_floating_point():
+                self._set_param(n, p.detach().float())
+        return names
+
+    def _tie(self, missing: list[str]) -> set[str]:
+        """Tied output embeddings: take the input embedding's weight."""
+        head = self.output_head_path()
+        done = set()
+        if head is None or not self.tied_output():
+            return done
+        emb = self.model.get_input_embeddings()
+        for n in missing:
+            if n == f"{head}.weight":
+                if emb.weight.is_meta:
+                    emb_name = next(k for k, m in self.model.named_modules() if m is emb)
+                    self.load(emb_name)
+                self._set_param(n, emb.weight.detach())
+                done.add(n)
+        return done
+
+    def module_param(self, name: str) -> torch.Tensor:
+        mod_path, _, pname = name.rpartition(".")
+        return getattr(self.module(mod_path), pname)
+
+    def _set_param(self, name: str, value: torch.Tensor) -> None:
+        mod_path, _, pname = name.rpartition(".")
+        mod = self.module(mod_path)
+        setattr(mod, pname, nn.Parameter(value, requires_grad=False))
+
+    def free(self, *prefixes: str) -> None:
+        """Send every parameter under ``prefixes`` back to the meta device."""
+        for n in self._params_under(prefixes):
+            p = self.module_param(n)
+            if not p.is_meta:
+                self._set_param(n, torch.empty_like(p, device="meta"))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One parameter's value (loading it if needed; the caller frees it)."""
+        p = self.module_param(name)
+        if p.is_meta:
+            self.load(name.rpartition(".")[0])
+            p = self.module_param(name)
+        return p.detach()
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,187 @@
+"""Block-by-block forward passes through a :class:`~dq.analysis.loader.ModelSkeleton`.
+
+The decoder loop is transformers' own: :func:`embed` runs the text model's forward once per sequence
+with every decoder layer replaced by a stub that records the arguments the loop passes it (attention
+masks and rotary embeddings, per layer, so Gemma-3's sliding/full layers each get theirs) and returns
+its input. Each real layer is then run on its own, on all calibration sequences, with those arguments:
+only one layer's weights are ever in memory. Sequences all have the same length and no padding, so one
+sequence's arguments serve every sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dq.analysis.loader import ModelSkeleton
+
+__all__ = ["LayerArgs", "embed", "run_layer", "final_hidden", "head_logprobs", "tokenize_calibration"]
+
+log = logging.getLogger(__name__)
+
+
+class _Capture(nn.Module):
+    """Stands in for a decoder layer: records its call arguments and returns the hidden states."""
+
+    def __init__(self, layer: nn.Module, sink: list) -> None:
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_sink", sink)
+
+    def __getattr__(self, name: str):  # layer attributes the loop reads (attention_type, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self._sink.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+@dataclass
+class LayerArgs:
+    """What the decoder loop passes each layer besides the hidden states."""
+
+    args: list[tuple]
+    kwargs: list[dict[str, Any]]
+
+
+def embed(sk: ModelSkeleton, input_ids: torch.Tensor, keep_loaded: bool = False) -> tuple[torch.Tensor, LayerArgs]:
+    """Embed ``input_ids [n_seq, seq_len]`` and capture every layer's call arguments.
+
+    Returns:
+        float32 hidden states ``[n_seq, seq_len, d]`` entering layer 0, and the per-layer arguments.
+    """
+    layers: nn.ModuleList = sk.module(sk.layers_path)
+    originals = list(layers)
+    sink: list = []
+    sk.load(sk.text_model_path, exclude=(sk.layers_path,))
+    hidden = []
+    layer_args: LayerArgs | None = None
+    try:
+        for i in range(len(originals)):
+            layers[i] = _Capture(originals[i], sink)
+        with torch.no_grad():
+            for s in range(input_ids.shape[0]):
+                sink.clear()
+                sk.text_model(input_ids=input_ids[s : s + 1].to(sk.device), use_cache=False)
+                if len(sink) != len(originals):
+                    raise RuntimeError(f"the decoder loop called {len(sink)} of {len(originals)} layers")
+                hidden.append(sink[0][0].float().cpu())
+                if layer_args is None:
+                    layer_args = LayerArgs([a for _, a, _ in sink], [_detach(k) for _, _, k in sink])
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        if not keep_loaded:
+            sk.free(sk.text_model_path)
+    assert layer_args is not None
+    return torch.cat(hidden), layer_args
+
+
+def _detach(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = dict(kwargs)
+    out.pop("cache", None)
+    out.pop("past_key_values", None)
+    out.pop("past_key_value", None)
+    return out
+
+
+def run_layer(
+    sk: ModelSkeleton,
+    i: int,
+    hidden: torch.Tensor,
+    layer_args: LayerArgs,
+    *,
+    before_seq: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Run loaded layer ``i`` over every sequence of ``hidden [n_seq, S, d]``; returns its output."""
+    layer = sk.module(sk.layer_prefix(i))
+    out = torch.empty_like(hidden)
+    args, kwargs = layer_args.args[i], layer_args.kwargs[i]
+    with torch.no_grad():
+        for s in range(hidden.shape[0]):
+            if before_seq is not None:
+                before_seq(s)
+            y = layer(hidden[s : s + 1].to(sk.device), *args, **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            out[s] = y[0].float().cpu()
+    return out
+
+
+def _final_norm(sk: ModelSkeleton) -> nn.Module:
+    tm = sk.text_model
+    for name in ("norm", "final_layernorm", "final_layer_norm", "ln_f"):
+        if hasattr(tm, name):
+            return getattr(tm, name)
+    raise RuntimeError(f"{type(tm).__name__} has no final norm module")
+
+
+def final_hidden(sk: ModelSkeleton, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the text model's final norm (loading and freeing it)."""
+    norm = _final_norm(sk)
+    path = next(n for n, m in sk.model.named_modules() if m is norm)
+    sk.load(path)
+    try:
+        with torch.no_grad():
+            return torch.cat([norm(hidden[s : s + 1].to(sk.device)).float().cpu() for s in range(hidden.shape[0])])
+    finally:
+        sk.free(path)
+
+
+def _softcap(sk: ModelSkeleton) -> float | None:
+    v = getattr(sk.text_config, "final_logit_softcapping", None)
+    return float(v) if v else None
+
+
+def head_logprobs(sk: ModelSkeleton, normed: torch.Tensor, chunk: int = 256):
+    """Yield ``(token slice, log-softmax logits)`` chunks of the LM head on ``normed [n_seq, S, d]``.
+
+    The LM head must be loaded by the caller; chunks keep the ``[tokens, vocab]`` matrix small.
+    """
+    head = sk.model.get_output_embeddings()
+    cap = _softcap(sk)
+    flat = normed.reshape(-1, normed.shape[-1])
+    with torch.no_grad():
+        for t0 in range(0, flat.shape[0], chunk):
+            logits = head(flat[t0 : t0 + chunk].to(sk.device)).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            yield slice(t0, t0 + logits.shape[0]), torch.log_softmax(logits, -1).cpu()
+
+
+def tokenize_calibration(
+    tokenizer, text: str, n_tokens: int, seq_len: int, *, chat_template: bool = False
+) -> torch.Tensor:
+    """Cut ``text`` into ``ceil(n_tokens / seq_len)`` sequences of ``seq_len`` tokens (fewer if short).
+
+    Paragraphs (blank-line separated) are samples; with ``chat_template`` each is wrapped as a user turn
+    in the tokenizer's chat template. Each sequence starts with BOS when the tokenizer adds one.
+    """
+    samples = [p.strip() for p in text.split("\n\n") if p.strip()]
+    ids: list[int] = []
+    n_seq = -(-n_tokens // seq_len)
+    bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", True) else None
+    body = seq_len - (1 if bos is not None else 0)
+    for sample in samples:
+        if chat_template:
+            piece = tokenizer.apply_chat_template([{"role": "user", "content": sample}], tokenize=False)
+            toks = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        else:
+            toks = tokenizer(sample + "\n\n", add_special_tokens=False)["input_ids"]
+        ids.extend(toks)
+        if len(ids) >= n_seq * body:
+            break
+    n_avail = min(n_seq, len(ids) // body)
+    rows = []
+    for s in range(n_avail):
+        row = ids[s * body : (s + 1) * body]
+        rows.append(([bos] if bos is not None else []) + row)
+    return torch.tensor(np.array(rows, dtype=np.int64).reshape(n_avail, seq_len))
