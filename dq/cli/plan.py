@@ -1,14 +1,94 @@
-"""``dq plan``: placeholder until its issue lands."""
+"""``dq plan``: choose a GGML type per tensor under a byte budget, from a ``dq analyze`` directory.
+
+Examples:
+    dq plan out/smollm2 --target-size 80MB -o plan.yaml
+    dq plan out/smollm2 --target-bpw 2.5 -o plan.yaml --policy policy.yaml
+    dq quantize smollm2-135m --plan plan.yaml -o m.gguf
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from dq.quant.plan import QuantPlan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="(not yet available)")
+    p = sub.add_parser("plan", help="allocate types under a size budget", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("analysis", type=Path, help="directory (or analysis.json) written by `dq analyze`")
+    add_budget_args(p)
+    p.add_argument("-o", "--output", type=Path, default=Path("plan.yaml"), help="plan file (.yaml or .json)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
     p.set_defaults(func=run)
 
 
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """Budget and policy options shared with `dq quantize --plan auto`."""
+    p.add_argument("--target-size", default=None, help="whole-file budget, e.g. 80MB, 1.5GB, 700MiB")
+    p.add_argument("--target-bpw", type=float, default=None, help="budget in bits per weight over all tensors")
+    p.add_argument("--policy", type=Path, default=None, help="YAML with policy overrides (role_floors, ...)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip the single-tensor KLD calibration of the damage weights (faster, less accurate)")
+
+
+def load_policy(path: Path | None):
+    import yaml
+
+    from dq.analysis.policy import Policy
+    from dq.errors import PlanError
+
+    if path is None:
+        return Policy()
+    if not path.is_file():
+        raise PlanError(f"policy file {str(path)!r} does not exist")
+    return Policy.from_dict(yaml.safe_load(path.read_text()) or {})
+
+
+def build_plan(analysis_path: Path, args: argparse.Namespace):
+    from dq.analysis.planning import budget_bytes, load_plan_inputs, make_plan
+    from dq.quant.assign import read_source_tensors
+
+    inputs = load_plan_inputs(analysis_path)
+    n = sum(int(__import__("math").prod(s.shape)) for s in read_source_tensors(inputs.source_gguf))
+    budget = budget_bytes(args.target_size, args.target_bpw, n)
+    plan = make_plan(inputs, budget, policy=load_policy(args.policy), calibrate=not args.no_calibrate)
+    return inputs, plan
+
+
+def print_summary(plan: QuantPlan, file=sys.stdout) -> None:
+    by_type: Counter[str] = Counter()
+    bytes_by_type: Counter[str] = Counter()
+    for t in plan.tensors.values():
+        by_type[t.type.value] += 1
+        bytes_by_type[t.type.value] += t.bytes
+    print(f"model: {plan.model}", file=file)
+    print(f"file size: {plan.total_bytes:,} bytes (budget {plan.budget_bytes:,}); predicted damage "
+          f"{plan.predicted_damage:.4g}", file=file)
+    print(f"{'type':>8}  {'tensors':>7}  {'bytes':>14}", file=file)
+    for fmt, n in sorted(by_type.items(), key=lambda kv: -bytes_by_type[kv[0]]):
+        print(f"{fmt:>8}  {n:>7}  {bytes_by_type[fmt]:>14,}", file=file)
+    print("\nllama-quantize equivalent (per-tensor, anchored):", file=file)
+    print("llama-quantize --imatrix imatrix.gguf \\", file=file)
+    for line in plan.llama_quantize_args():
+        print(f"  {line} \\", file=file)
+    print("  model-bf16.gguf out.gguf Q8_0", file=file)
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("dq plan is not implemented yet")
+    from dq.export.atomic import check_writable
+
+    check_writable(args.output)
+    _, plan = build_plan(args.analysis, args)
+    plan.save(args.output)
+    if args.json:
+        json.dump(plan.to_dict(), sys.stdout, indent=1)
+        print()
+    else:
+        print_summary(plan)
+        print(f"\nwrote {args.output}")
+    return 0

@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dq.errors import BudgetError
 from dq.export.atomic import check_writable
 from dq.export.gguf_quantize import predict_size, quantize_gguf
 from dq.export.source import source_gguf
@@ -36,6 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="per-tensor override, as llama-quantize's (regex search on GGUF names, first match wins)")
     p.add_argument("--imatrix", type=Path, default=None, help="importance matrix (llama.cpp GGUF imatrix format)")
+    p.add_argument("--plan", default=None, metavar="PLAN.yaml|auto",
+                   help="per-tensor types from a `dq plan` file, or `auto` to analyse and plan under "
+                        "--target-size/--target-bpw (overrides --type)")
+    p.add_argument("--analysis", type=Path, default=None,
+                   help="with --plan auto: reuse this `dq analyze` directory (default: analyse into the cache)")
+    from dq.cli.plan import add_budget_args
+
+    add_budget_args(p)
     p.add_argument("--dry-run", action="store_true", help="print every tensor's type and the exact file size; write nothing")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -81,18 +90,64 @@ def _report_fallbacks(assignment: TypeAssignment) -> None:
                     "of the requested type's block; e.g. %s", len(fb), desc, fb[0].name)
 
 
+def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
+    """Analyse (or reuse an analysis), plan under the budget, save the plan beside the output."""
+    from dq.analysis.analyze import analyze
+    from dq.cache import cache_dir
+    from dq.cli.plan import build_plan, print_summary
+    from dq.export.source import _fingerprint
+
+    if args.target_size is None and args.target_bpw is None:
+        raise BudgetError("--plan auto needs a budget: --target-size (e.g. 80MB) or --target-bpw (e.g. 2.5)")
+    adir = args.analysis
+    if adir is None:
+        adir = cache_dir() / "analysis" / f"{model.name}-{_fingerprint(model)}"
+        if not (adir / "analysis.json").is_file():
+            log.info("analysing %s into %s (reused next time)", model, adir)
+            analyze(model, adir, resume=True)
+    _, plan = build_plan(adir, args)
+    plan_path = output.with_name(output.stem + ".plan.yaml")
+    if not args.dry_run:
+        plan.save(plan_path)
+        log.info("wrote the plan to %s", plan_path)
+    print_summary(plan, file=sys.stderr)
+    return plan_path if not args.dry_run else plan
+
+
+def _plan_assignment(args, model: Path, output: Path, src: Path):
+    from dq.quant.assign import assign_types, read_source_tensors
+    from dq.quant.plan import QuantPlan
+
+    plan = _auto_plan(args, model, output) if args.plan == "auto" else Path(args.plan)
+    plan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
+    sources = read_source_tensors(src)
+    plan.check_model((s.name, s.shape) for s in sources)
+    imatrix_path = args.imatrix
+    if imatrix_path is None and plan.analysis:
+        candidate = Path(plan.analysis).parent / "imatrix.gguf"
+        imatrix_path = candidate if candidate.is_file() else None
+    return assign_types(sources, explicit=plan.explicit_types()), imatrix_path
+
+
 def run(args: argparse.Namespace) -> int:
     preset = parse_preset(args.type)
     overrides = [parse_tensor_type(s) for s in args.tensor_type]
     model = resolve_model(args.model)
-    output = args.output or Path(f"{model.stem if model.is_file() else model.name}-{preset}.gguf")
+    tag = "dq" if args.plan else preset
+    output = args.output or Path(f"{model.stem if model.is_file() else model.name}-{tag}.gguf")
     if not args.dry_run:
         check_writable(output)
-    imatrix = read_imatrix(args.imatrix) if args.imatrix else None
     src = source_gguf(model)
-    assignment = assign_preset(src, preset, overrides)
+    imatrix_path = args.imatrix
+    if args.plan:
+        assignment, imatrix_path = _plan_assignment(args, model, output, src)
+        preset_ftype = None
+    else:
+        assignment = assign_preset(src, preset, overrides)
+        preset_ftype = PRESETS[preset]
+    imatrix = read_imatrix(imatrix_path) if imatrix_path else None
     _report_fallbacks(assignment)
-    kw = dict(imatrix=imatrix, imatrix_name=args.imatrix.name if args.imatrix else None, preset_ftype=PRESETS[preset])
+    kw = dict(imatrix=imatrix, imatrix_name=imatrix_path.name if imatrix_path else None, preset_ftype=preset_ftype)
     if args.dry_run:
         size = predict_size(src, assignment, **kw)
         if args.json:

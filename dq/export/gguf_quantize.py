@@ -30,7 +30,7 @@ from dq.quant.assign import TensorChoice, TypeAssignment
 from dq.quant.formats import FORMATS, QuantFormat
 from dq.quant.imatrix import Imatrix
 
-__all__ = ["QuantizeResult", "predict_size", "quantize_gguf", "file_type_for"]
+__all__ = ["QuantizeResult", "predict_size", "quantize_gguf", "file_type_for", "header_size"]
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +182,13 @@ def quantize_gguf(
     size = Path(dst).stat().st_size
     assert size == expected, (size, expected)
     return QuantizeResult(Path(dst), size, assignment)
+
+
+def header_size(src: str | Path, *, imatrix: Imatrix | None = None, imatrix_name: str | None = None) -> int:
+    """Exact size of the (padded) header :func:`quantize_gguf` writes for ``src``; it does not depend on
+    the tensor types, so a planner can price tensors separately."""
+    from dq.quant.assign import assign_types, read_source_tensors
+
+    kept = assign_types(read_source_tensors(src))
+    reader = _open_source(src, kept)
+    return len(_build_writer(reader, kept, imatrix, imatrix_name, None).header_bytes())

@@ -1,0 +1,218 @@
+"""Bit allocation under a byte budget: a multiple-choice knapsack solved exactly with HiGHS (scipy).
+
+Each quantizable tensor picks one type from its allowed candidates (``Policy``). Its cost is the exact
+number of bytes it adds to the GGUF (stored bytes after llama.cpp's block-size fallback, padded to the
+file's alignment); its predicted damage is ``gain[t] * err[t, type]``, where ``err`` is the measured
+activation error (or, where no activation error exists, the imatrix-weighted or plain weight error)
+and ``gain`` is the calibrated effect of that tensor's error on the final logits' KL divergence
+(``dq.analysis.sensitivity``). Header and non-quantizable tensors are fixed bytes. The MILP
+
+    minimise  sum_t sum_k damage[t,k] x[t,k]
+    s.t.      sum_k x[t,k] = 1            for every tensor t
+              sum_t sum_k bytes[t,k] x[t,k] <= budget - fixed
+              x binary
+
+is solved to optimality (HiGHS branch and bound), so the plan is the best under the damage model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dq.analysis.artifact import Analysis, TensorMeasurement
+from dq.analysis.policy import Policy
+from dq.analysis.roles import TensorRole, classify, layer_index
+from dq.errors import BudgetError
+from dq.quant.assign import SourceTensor
+from dq.quant.formats import FORMATS, QuantFormat, effective_format, tensor_nbytes
+from dq.quant.plan import PlanTensor, QuantPlan, tensor_fingerprint
+
+__all__ = ["Option", "Item", "build_items", "solve", "allocate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Option:
+    fmt: QuantFormat  # requested (what the plan says)
+    stored: QuantFormat
+    nbytes: int  # padded to the file alignment
+    damage: float
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    role: TensorRole
+    options: tuple[Option, ...]
+    floor_reason: str
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def _err(m: TensorMeasurement | None, fmt: QuantFormat) -> float | None:
+    if m is None:
+        return None
+    e = m.error_for(fmt)
+    if e is None:
+        return None
+    for v in (e.act_err, e.weighted_err, e.weight_err):
+        if v is not None:
+            return float(v)
+    return None
+
+
+def build_items(
+    analysis: Analysis,
+    sources: Sequence[SourceTensor],
+    policy: Policy,
+    gains: Mapping[str, float] | None = None,
+    alignment: int = 32,
+) -> tuple[list[Item], list[SourceTensor]]:
+    """Knapsack items for the quantizable tensors, and the tensors kept as they are."""
+    measured = analysis.by_name()
+    super_tensors = {s.tensor for s in analysis.super_weights}
+    items, kept = [], []
+    for src in sources:
+        role = classify(src.name)
+        if len(src.shape) < 2 or Policy.kept(role):
+            kept.append(src)
+            continue
+        m = measured.get(src.name)
+        holds_sw = src.name in super_tensors
+        layer = layer_index(src.name)
+        allowed = policy.allowed(role, layer, holds_sw, analysis.candidates)
+        gain = float((gains or {}).get(src.name, 1.0))
+        opts = []
+        for fmt in allowed:
+            stored = fmt if FORMATS[fmt].is_float else effective_format(fmt, src.shape)
+            if FORMATS[fmt].is_float:
+                damage = 0.0
+            else:
+                err = _err(m, fmt)
+                if err is None:
+                    continue
+                damage = gain * err
+            opts.append(Option(fmt, stored, _pad(tensor_nbytes(stored, src.shape), alignment), damage))
+        if not opts:
+            kept.append(src)  # nothing measured and no float option: leave it as it is
+            log.warning("no measured candidate for %s: kept in %s", src.name, src.fmt)
+            continue
+        floor = policy.floor_for(role, layer, holds_sw)
+        reason = "super weight" if holds_sw and policy.protect_super_weights else f"policy floor {floor}"
+        items.append(Item(src.name, role, tuple(opts), reason))
+    return items, kept
+
+
+def solve(items: Sequence[Item], capacity: int) -> list[int]:
+    """Exact multiple-choice knapsack; returns the chosen option index per item.
+
+    Raises:
+        BudgetError: even the smallest option of every item exceeds ``capacity``.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    min_bytes = sum(min(o.nbytes for o in it.options) for it in items)
+    if min_bytes > capacity:
+        raise BudgetError(f"the budget leaves {capacity:,} bytes for weights but the smallest allowed types need "
+                          f"{min_bytes:,}")
+    n = sum(len(it.options) for it in items)
+    cost = np.empty(n)
+    size = np.empty(n)
+    rows, cols = [], []
+    k = 0
+    for i, it in enumerate(items):
+        for o in it.options:
+            cost[k], size[k] = o.damage, o.nbytes
+            rows.append(i)
+            cols.append(k)
+            k += 1
+    scale = cost.max() if cost.max() > 0 else 1.0
+    onehot = np.zeros((len(items), n))
+    onehot[rows, cols] = 1.0
+    constraints = [LinearConstraint(onehot, 1, 1), LinearConstraint(size[None, :], 0, capacity)]
+    res = milp(cost / scale, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
+               options={"mip_rel_gap": 1e-9, "time_limit": 120})
+    if res.x is None:
+        raise BudgetError(f"the allocation could not be solved ({res.message})")
+    if res.status != 0:
+        log.warning("HiGHS stopped early (%s); using its best plan", res.message)
+    x = res.x.round().astype(int)
+    choice, k = [], 0
+    for it in items:
+        sel = x[k : k + len(it.options)]
+        choice.append(int(np.argmax(sel)))
+        k += len(it.options)
+    return choice
+
+
+def allocate(
+    analysis: Analysis,
+    sources: Sequence[SourceTensor],
+    budget_bytes: int,
+    *,
+    header_bytes: int,
+    policy: Policy | None = None,
+    gains: Mapping[str, float] | None = None,
+    alignment: int = 32,
+    analysis_path: str | None = None,
+    damage_model: str = "",
+) -> QuantPlan:
+    """Choose every tensor's type so the whole GGUF is at most ``budget_bytes`` and damage is least.
+
+    Args:
+        analysis: measurements from ``dq analyze``.
+        sources: the unquantized GGUF's tensors (all of them; fixed ones are priced as they are).
+        budget_bytes: the whole file's size limit.
+        header_bytes: exact size of the GGUF header (see ``dq.export.gguf_quantize.header_size``).
+        policy: per-role floors (default :class:`Policy`).
+        gains: tensor -> calibrated damage weight (default 1 for all).
+
+    Raises:
+        BudgetError: the budget is below the smallest achievable file; the message states that size.
+    """
+    policy = policy or Policy()
+    items, kept = build_items(analysis, sources, policy, gains, alignment)
+    fixed = header_bytes + sum(_pad(tensor_nbytes(s.fmt, s.shape), alignment) for s in kept)
+    smallest = fixed + sum(min(o.nbytes for o in it.options) for it in items)
+    if budget_bytes < smallest:
+        raise BudgetError(
+            f"budget {budget_bytes:,} bytes is below the smallest achievable file for this model and policy: "
+            f"{smallest:,} bytes ({smallest / 1e6:.2f} MB); raise --target-size/--target-bpw or lower the "
+            f"policy floors"
+        )
+    choice = solve(items, budget_bytes - fixed)
+    by_name = {it.name: (it, it.options[c]) for it, c in zip(items, choice)}
+    tensors: dict[str, PlanTensor] = {}
+    damage = 0.0
+    for src in sources:
+        if src.name in by_name:
+            it, o = by_name[src.name]
+            lowest = min(it.options, key=lambda x: x.nbytes)
+            reason = it.floor_reason if (o is lowest and len(it.options) > 1) else "optimiser"
+            if it.floor_reason == "super weight":
+                reason = "super weight"
+            tensors[src.name] = PlanTensor(o.fmt, it.role.value, o.nbytes, o.damage, reason)
+            damage += o.damage
+        else:
+            tensors[src.name] = PlanTensor(src.fmt, classify(src.name).value,
+                                           _pad(tensor_nbytes(src.fmt, src.shape), alignment), 0.0, "kept")
+    total = header_bytes + sum(t.bytes for t in tensors.values())
+    assert total <= budget_bytes, (total, budget_bytes)
+    return QuantPlan(
+        model=analysis.model,
+        fingerprint=tensor_fingerprint((s.name, s.shape) for s in sources),
+        budget_bytes=budget_bytes,
+        total_bytes=total,
+        predicted_damage=damage,
+        tensors=tensors,
+        policy=policy.to_dict(),
+        analysis=analysis_path,
+        damage_model=damage_model,
+    )

@@ -1,0 +1,117 @@
+"""From an analysis directory and a budget to a ``QuantPlan`` (what ``dq plan`` and ``--plan auto`` run).
+
+Steps: load ``analysis.json``; find the unquantized GGUF of the model it measured (converting once);
+price the header exactly (it carries the imatrix keys); calibrate tensor gains once per analysis
+(cached as ``gains.json`` beside it); solve the knapsack.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dq.analysis.allocate import allocate
+from dq.analysis.artifact import Analysis
+from dq.analysis.policy import Policy
+from dq.errors import BudgetError, PlanError
+from dq.quant.assign import read_source_tensors
+from dq.quant.imatrix import Imatrix, read_imatrix
+from dq.quant.plan import QuantPlan
+
+__all__ = ["parse_size", "budget_bytes", "PlanInputs", "load_plan_inputs", "make_plan"]
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``12GB`` -> 12e9, ``80MiB`` -> 80*2**20, ``123456`` -> 123456 bytes.
+
+    Raises:
+        BudgetError: unparseable or non-positive.
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
+        if not m or m.group(2) not in _UNITS:
+            raise BudgetError(f"cannot read size {text!r}; write e.g. 80MB, 1.5GB, 700MiB or a byte count")
+        value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise BudgetError(f"size must be positive, got {text!r}")
+    return value
+
+
+def budget_bytes(target_size: str | int | None, target_bpw: float | None, n_elements: int) -> int:
+    """The whole-file byte budget from exactly one of ``--target-size`` and ``--target-bpw``."""
+    if (target_size is None) == (target_bpw is None):
+        raise BudgetError("give exactly one of --target-size (e.g. 80MB) and --target-bpw (e.g. 2.5)")
+    if target_size is not None:
+        return parse_size(target_size)
+    if not 0 < float(target_bpw) <= 32:
+        raise BudgetError(f"--target-bpw must be in (0, 32], got {target_bpw}")
+    return int(float(target_bpw) * n_elements / 8)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    analysis: Analysis
+    analysis_path: Path
+    model_dir: Path
+    source_gguf: Path
+    imatrix: Imatrix | None
+    imatrix_path: Path | None
+
+
+def load_plan_inputs(analysis_path: str | Path) -> PlanInputs:
+    """Load an analysis and locate the model, its BF16 GGUF and its imatrix."""
+    from dq.export.source import source_gguf
+    from dq.models import resolve_model
+
+    path = Path(analysis_path)
+    analysis = Analysis.load(path)
+    adir = path if path.is_dir() else path.parent
+    model_dir = resolve_model(analysis.model)
+    src = source_gguf(model_dir)
+    im_path = adir / (analysis.imatrix_file or "imatrix.gguf")
+    imatrix = read_imatrix(im_path) if im_path.is_file() else None
+    return PlanInputs(analysis, adir / "analysis.json", model_dir, src, imatrix, im_path if imatrix else None)
+
+
+def make_plan(
+    inputs: PlanInputs,
+    budget: int,
+    *,
+    policy: Policy | None = None,
+    calibrate: bool = True,
+    calib_tokens: int = 512,
+) -> QuantPlan:
+    """Allocate types for ``inputs`` under ``budget`` bytes (the whole file)."""
+    from dq.analysis.sensitivity import load_or_calibrate_gains, pick_probe
+    from dq.export.gguf_quantize import header_size
+
+    sources = read_source_tensors(inputs.source_gguf)
+    names = {s.name for s in sources}
+    foreign = [t.name for t in inputs.analysis.tensors if t.name not in names]
+    if foreign:
+        raise PlanError(f"the analysis measured tensors this model does not have (e.g. {foreign[:3]}): "
+                        f"it belongs to another model; re-run `dq analyze` on {inputs.model_dir}")
+    header = header_size(inputs.source_gguf, imatrix=inputs.imatrix,
+                         imatrix_name=inputs.imatrix_path.name if inputs.imatrix_path else None)
+    gains = None
+    damage_model = "sum of measured local error (act_err, else weighted/weight error); gains not calibrated"
+    if calibrate:
+        gains = load_or_calibrate_gains(inputs.model_dir, inputs.analysis,
+                                        inputs.analysis_path.parent / "gains.json", n_tokens=calib_tokens)
+        damage_model = (f"predicted KLD = sum over tensors of gain * act_err; gain = KLD of the model with only that "
+                        f"tensor at {pick_probe(inputs.analysis)} / its act_err at that type, measured on "
+                        f"{calib_tokens} calibration tokens")
+    plan = allocate(inputs.analysis, sources, budget, header_bytes=header, policy=policy, gains=gains,
+                    analysis_path=str(inputs.analysis_path), damage_model=damage_model)
+    log.info("plan: %s bytes of %s budget, predicted damage %.4g", f"{plan.total_bytes:,}", f"{budget:,}",
+             plan.predicted_damage)
+    return plan

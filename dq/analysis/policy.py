@@ -1,0 +1,128 @@
+"""Allocation policy: which types each tensor role may take. Data, stored in every plan, overridable.
+
+Defaults follow the Unsloth dynamic-quant recipe:
+- norms, routers and 1-D tensors stay in their source float type (never in the knapsack);
+- embeddings and the output head never go below a floor;
+- attention and shared experts never go below ~2.5 bits, while routed experts may go to 1.58-bit
+  (IQ1_S, IQ1_M, TQ1_0) — so attention and shared experts always sit above the routed experts'
+  floor;
+- the first ``first_down_layers`` down_proj tensors and every tensor holding a super weight are kept
+  at ``protected_floor`` (Q8_0) or above;
+- vision towers and projectors are BF16 or Q8_0.
+A role's allowed set is every candidate type whose bits per weight is at least the role's floor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from dq.analysis.roles import TensorRole
+from dq.errors import PlanError
+from dq.quant.formats import FORMATS, QuantFormat, parse_format
+
+__all__ = ["Policy", "DEFAULT_ROLE_FLOORS"]
+
+_R = TensorRole
+_Q = QuantFormat
+DEFAULT_ROLE_FLOORS: dict[TensorRole, QuantFormat] = {
+    _R.EMBEDDING: _Q.Q2_K,
+    _R.OUTPUT: _Q.Q4_K,
+    _R.ATTN_Q: _Q.IQ2_XXS,
+    _R.ATTN_K: _Q.IQ2_XXS,
+    _R.ATTN_V: _Q.Q2_K,
+    _R.ATTN_QKV: _Q.Q2_K,
+    _R.ATTN_OUTPUT: _Q.IQ2_XXS,
+    _R.FFN_GATE: _Q.IQ1_S,
+    _R.FFN_UP: _Q.IQ1_S,
+    _R.FFN_DOWN: _Q.IQ1_S,
+    _R.EXPERT_GATE: _Q.IQ1_S,
+    _R.EXPERT_UP: _Q.IQ1_S,
+    _R.EXPERT_DOWN: _Q.IQ1_S,
+    _R.SHARED_GATE: _Q.Q2_K,
+    _R.SHARED_UP: _Q.Q2_K,
+    _R.SHARED_DOWN: _Q.Q2_K,
+    _R.VISION: _Q.Q8_0,
+    _R.PROJECTOR: _Q.Q8_0,
+    _R.OTHER: _Q.Q4_K,
+}
+# Roles never quantized (kept in their source type).
+_KEPT_ROLES = frozenset({TensorRole.NORM, TensorRole.ROUTER})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Per-role floors and protection rules.
+
+    Attributes:
+        role_floors: role -> lowest type allowed (by bits per weight).
+        protected_floor: floor for super-weight tensors and the first down_proj layers.
+        first_down_layers: how many leading layers' down_proj (and expert down) are protected.
+        protect_super_weights: raise tensors holding a detected super weight to ``protected_floor``.
+        float_types: extra types allowed for vision/projector roles (BF16 keeps them unquantized).
+    """
+
+    role_floors: Mapping[TensorRole, QuantFormat] = field(default_factory=lambda: dict(DEFAULT_ROLE_FLOORS))
+    protected_floor: QuantFormat = QuantFormat.Q8_0
+    first_down_layers: int = 2
+    protect_super_weights: bool = True
+    float_types: tuple[QuantFormat, ...] = (QuantFormat.BF16,)
+
+    def __post_init__(self) -> None:
+        if self.first_down_layers < 0:
+            raise PlanError(f"first_down_layers must be >= 0, got {self.first_down_layers}")
+
+    @staticmethod
+    def kept(role: TensorRole) -> bool:
+        """Roles that stay in their source type."""
+        return role in _KEPT_ROLES
+
+    def floor_for(self, role: TensorRole, layer: int | None, holds_super_weight: bool) -> QuantFormat:
+        floor = self.role_floors.get(role, self.role_floors.get(TensorRole.OTHER, QuantFormat.Q4_K))
+        protected = (holds_super_weight and self.protect_super_weights) or (
+            role in (TensorRole.FFN_DOWN, TensorRole.EXPERT_DOWN, TensorRole.SHARED_DOWN)
+            and layer is not None and layer < self.first_down_layers
+        )
+        if protected and FORMATS[self.protected_floor].bits_per_weight > FORMATS[floor].bits_per_weight:
+            floor = self.protected_floor
+        return floor
+
+    def allowed(self, role: TensorRole, layer: int | None, holds_super_weight: bool,
+                candidates: tuple[QuantFormat, ...]) -> tuple[QuantFormat, ...]:
+        """Candidate types this tensor may take, highest bits first."""
+        floor_bits = FORMATS[self.floor_for(role, layer, holds_super_weight)].bits_per_weight
+        pool = set(candidates)
+        if role in (TensorRole.VISION, TensorRole.PROJECTOR):
+            pool |= set(self.float_types)
+        ok = [f for f in pool if FORMATS[f].bits_per_weight >= floor_bits - 1e-9]
+        return tuple(sorted(ok, key=lambda f: -FORMATS[f].bits_per_weight))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "role_floors": {r.value: f.value for r, f in self.role_floors.items()},
+            "protected_floor": self.protected_floor.value,
+            "first_down_layers": self.first_down_layers,
+            "protect_super_weights": self.protect_super_weights,
+            "float_types": [f.value for f in self.float_types],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Policy:
+        allowed = {f.name for f in fields(cls)}
+        unknown = set(d) - allowed
+        if unknown:
+            raise PlanError(f"policy: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        floors = dict(DEFAULT_ROLE_FLOORS)
+        for role, fmt in (d.get("role_floors") or {}).items():
+            try:
+                floors[TensorRole(role)] = parse_format(fmt)
+            except ValueError:
+                raise PlanError(f"policy.role_floors: unknown role {role!r}; roles: {[r.value for r in TensorRole]}") from None
+        return cls(
+            role_floors=floors,
+            protected_floor=parse_format(d.get("protected_floor", QuantFormat.Q8_0.value)),
+            first_down_layers=int(d.get("first_down_layers", 2)),
+            protect_super_weights=bool(d.get("protect_super_weights", True)),
+            float_types=tuple(parse_format(f) for f in d.get("float_types", ["BF16"])),
+        )
