@@ -1,0 +1,304 @@
+"""Regression thresholds as data (``evals/thresholds.yaml``) and the check ``dq eval --check`` runs.
+
+The file (llm-compressor's ``tests/lmeval/configs`` pattern: model, scheme, metric bounds)::
+
+    version: 1
+    settings:                     # evaluation settings shared by every entry (all optional)
+      ctx: 512                    # KLD chunk length
+      chunks: 8                   # KLD chunks
+      topk: 512                   # base log-probs cached per token
+      tasks_limit: 4              # lm-eval questions per task / per MMLU subject
+      mmlu_subjects: quick        # all | quick | [subject, ...]
+    entries:
+      - model: smollm2-135m       # base: packaged model name or HF directory
+        preset: Q4_K_M            # llama.cpp preset built with dq's quantizer ...
+        tensor_type: []           #   ... with optional REGEX=TYPE overrides and
+        imatrix: null             #   an optional imatrix (GGUF imatrix file)
+        # quant: path/to/file.gguf  (instead of preset: an already-built quant)
+        bounds:                   # metric -> {max: x} and/or {min: y}
+          kld_mean: {max: 0.05}
+          same_top: {min: 0.85}
+
+Unknown keys, metrics and presets are errors (:class:`ThresholdsError`) naming the valid set. Relative
+paths are relative to the YAML file. Metric names are those of :meth:`EvalReport.metrics`
+(``kld_mean``, ``same_top``, ``ppl_ratio``, ``mmlu_acc``, ``mmlu_recovery``, ``mmlu_flip_rate``, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dq.cache import cache_dir
+from dq.errors import DQError, ModelNotFoundError
+from dq.evals.errors import ThresholdsError
+from dq.evals.kld import KLDConfig, Progress
+from dq.evals.lmeval import LM_TASKS, LMEvalConfig, parse_subjects
+from dq.evals.report import METRICS, EvalReport, known_metric
+
+__all__ = ["Bound", "ThresholdEntry", "Thresholds", "CheckRow", "load_thresholds", "build_quant", "run_check"]
+
+log = logging.getLogger(__name__)
+
+_SETTINGS_KEYS = {"ctx", "chunks", "topk", "tasks_limit", "mmlu_subjects", "num_fewshot", "max_length"}
+_ENTRY_KEYS = {"name", "model", "preset", "tensor_type", "imatrix", "quant", "plan", "bounds"}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``min <= value <= max`` (either side optional)."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        if not known_metric(self.metric):
+            raise ThresholdsError(
+                f"unknown metric {self.metric!r}; use one of {', '.join(METRICS)} or <task>_<acc|acc_base|acc_delta|"
+                f"recovery|lost|gained|flips|flip_rate> for a task in {', '.join(LM_TASKS)}"
+            )
+        if self.min is None and self.max is None:
+            raise ThresholdsError(f"bound for {self.metric!r} has neither 'min' nor 'max'; write e.g. {{max: 0.05}}")
+
+    def violated(self, value: float | None) -> str | None:
+        """None if ``value`` satisfies the bound, else a phrase saying how it does not."""
+        if value is None or math.isnan(value):
+            return "was not measured"
+        if self.max is not None and value > self.max:
+            return f"{value:.6g} > max {self.max:g}"
+        if self.min is not None and value < self.min:
+            return f"{value:.6g} < min {self.min:g}"
+        return None
+
+    def describe(self) -> str:
+        parts = ([f">= {self.min:g}"] if self.min is not None else []) + ([f"<= {self.max:g}"] if self.max is not None else [])
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class ThresholdEntry:
+    """One quant of one model and the bounds it must meet."""
+
+    model: str
+    bounds: tuple[Bound, ...]
+    preset: str | None = None
+    tensor_type: tuple[str, ...] = ()
+    imatrix: Path | None = None
+    quant: Path | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.quant is None):
+            raise ThresholdsError(f"entry for {self.model!r} needs exactly one of 'preset' (e.g. Q4_K_M) or 'quant' (a .gguf)")
+        if not self.bounds:
+            raise ThresholdsError(f"entry {self.label!r} has no bounds; add e.g. bounds: {{kld_mean: {{max: 0.05}}}}")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.model} {self.preset or Path(self.quant).name}"
+
+    def tasks(self) -> tuple[str, ...]:
+        out = []
+        for b in self.bounds:
+            if b.metric in METRICS:
+                out.append("kld")
+            else:
+                out.extend(t for t in LM_TASKS if b.metric.startswith(t + "_"))
+        return tuple(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    entries: tuple[ThresholdEntry, ...]
+    kld: KLDConfig = KLDConfig(chunks=8)
+    lm: LMEvalConfig = LMEvalConfig()
+    source: Path | None = None
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    entry: str
+    metric: str
+    value: float | None
+    bound: str
+    ok: bool
+    why: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"entry": self.entry, "metric": self.metric, "value": self.value, "bound": self.bound,
+                "ok": self.ok, "why": self.why}
+
+
+def _forbid_extra(d: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise ThresholdsError(f"{where}: unknown key(s) {extra}; allowed: {', '.join(sorted(allowed))}")
+
+
+def load_thresholds(path: str | Path) -> Thresholds:
+    """Parse and validate a thresholds YAML.
+
+    Raises:
+        ModelNotFoundError: the file does not exist.
+        ThresholdsError: it does not parse, or has unknown keys/metrics/presets, or an entry without bounds.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"thresholds file {str(path)!r} does not exist; see evals/thresholds.yaml for the format")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ThresholdsError(f"{path} is not valid YAML ({exc})") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        raise ThresholdsError(f"{path}: expected a mapping with 'version: 1' and a list 'entries'")
+    _forbid_extra(doc, {"version", "settings", "entries"}, str(path))
+    if doc.get("version", 1) != 1:
+        raise ThresholdsError(f"{path}: version {doc.get('version')} is not supported (expected 1)")
+    s = doc.get("settings") or {}
+    _forbid_extra(s, _SETTINGS_KEYS, f"{path}: settings")
+    from dq.evals.errors import EvalConfigError
+
+    try:
+        kld = KLDConfig(ctx=int(s.get("ctx", 512)), chunks=int(s.get("chunks", 8)), topk=int(s.get("topk", 512)))
+        subjects = s.get("mmlu_subjects", "quick")
+        lm = LMEvalConfig(
+            limit=s.get("tasks_limit"), num_fewshot=int(s.get("num_fewshot", 5)),
+            max_length=int(s.get("max_length", 2048)),
+            mmlu_subjects=tuple(subjects) if isinstance(subjects, list) else parse_subjects(str(subjects)),
+        )
+    except EvalConfigError as exc:
+        raise ThresholdsError(f"{path}: settings: {exc}") from exc
+    from dq.quant.llama_quantize import parse_preset
+
+    entries = []
+    for i, e in enumerate(doc["entries"]):
+        where = f"{path}: entries[{i}]"
+        if not isinstance(e, dict):
+            raise ThresholdsError(f"{where}: expected a mapping with model, preset or quant, and bounds")
+        _forbid_extra(e, _ENTRY_KEYS, where)
+        if "model" not in e:
+            raise ThresholdsError(f"{where}: 'model' is missing (a packaged model name or a HF directory)")
+        if e.get("plan") is not None:
+            raise ThresholdsError(f"{where}: 'plan' entries are not supported yet (dq plan has not landed); "
+                                  f"use 'preset' with 'tensor_type' overrides or 'quant: FILE.gguf'")
+        bounds_doc = e.get("bounds") or {}
+        if not isinstance(bounds_doc, dict):
+            raise ThresholdsError(f"{where}: 'bounds' must map metric -> {{min: x}} / {{max: y}}")
+        bounds = []
+        for metric, b in bounds_doc.items():
+            if not isinstance(b, dict):
+                raise ThresholdsError(f"{where}: bound of {metric!r} must be a mapping like {{max: 0.05}}")
+            _forbid_extra(b, {"min", "max"}, f"{where}: bounds.{metric}")
+            try:
+                bounds.append(Bound(metric, min=None if b.get("min") is None else float(b["min"]),
+                                    max=None if b.get("max") is None else float(b["max"])))
+            except ThresholdsError as exc:
+                raise ThresholdsError(f"{where}: {exc}") from None
+        preset = e.get("preset")
+        if preset is not None:
+            try:
+                preset = parse_preset(str(preset))
+            except DQError as exc:
+                raise ThresholdsError(f"{where}: {exc}") from None
+
+        def rel(p):
+            return None if p is None else (Path(p) if Path(p).is_absolute() else (path.parent / p))
+
+        model = str(e["model"])
+        if not Path(model).is_absolute() and (path.parent / model).exists():
+            model = str(path.parent / model)
+        try:
+            entries.append(ThresholdEntry(
+                model=model, bounds=tuple(bounds), preset=preset,
+                tensor_type=tuple(e.get("tensor_type") or ()), imatrix=rel(e.get("imatrix")),
+                quant=rel(e.get("quant")), name=e.get("name"),
+            ))
+        except ThresholdsError as exc:
+            raise ThresholdsError(f"{where}: {exc}") from None
+    return Thresholds(tuple(entries), kld=kld, lm=lm, source=path)
+
+
+def build_quant(model: str | Path, preset: str, tensor_type: tuple[str, ...] = (), imatrix: Path | None = None,
+                *, cache_root: Path | None = None) -> Path:
+    """Quantize ``model`` with dq's quantizer (llama.cpp preset mix, overrides, imatrix) into the cache,
+    once; return the GGUF path. The key covers the source GGUF, preset, overrides, imatrix and dq version.
+    """
+    import dq
+    from dq.evals.backends import resolve_model_ref
+    from dq.export.gguf_quantize import quantize_gguf
+    from dq.export.source import source_gguf
+    from dq.quant.assign import assign_preset, parse_tensor_type
+    from dq.quant.imatrix import read_imatrix
+    from dq.quant.llama_quantize import PRESETS, parse_preset
+
+    preset = parse_preset(preset)
+    src = source_gguf(resolve_model_ref(model).path)
+    h = hashlib.sha256()
+    st = src.stat()
+    h.update(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}:{preset}:{sorted(tensor_type)}:{dq.__version__}".encode())
+    if imatrix is not None:
+        ist = Path(imatrix).stat()
+        h.update(f"{Path(imatrix).resolve()}:{ist.st_size}:{ist.st_mtime_ns}".encode())
+    out = (cache_root or cache_dir()) / "evals" / "quants" / f"{Path(src).parent.name}-{preset}-{h.hexdigest()[:12]}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    overrides = [parse_tensor_type(t) for t in tensor_type]
+    im = read_imatrix(imatrix) if imatrix is not None else None
+    assignment = assign_preset(src, preset, overrides)
+    log.info("quantizing %s to %s -> %s", src, preset, out)
+    quantize_gguf(src, out, assignment, imatrix=im, imatrix_name=Path(imatrix).name if imatrix else None,
+                  preset_ftype=PRESETS[preset])
+    return out
+
+
+@dataclass
+class CheckResult:
+    rows: list[CheckRow] = field(default_factory=list)
+    reports: dict[str, EvalReport] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    @property
+    def failures(self) -> list[CheckRow]:
+        return [r for r in self.rows if not r.ok]
+
+
+def run_check(thresholds: Thresholds | str | Path, *, cache_root: Path | None = None,
+              progress: Progress | None = None) -> CheckResult:
+    """Evaluate every entry and compare its metrics with its bounds.
+
+    Returns:
+        A :class:`CheckResult`; ``ok`` is False if any bound is violated (``failures`` names them).
+
+    Example:
+        >>> res = run_check("evals/thresholds.yaml")          # doctest: +SKIP
+        >>> [f"{r.entry}: {r.metric} {r.why}" for r in res.failures]   # doctest: +SKIP
+    """
+    from dq.evals.runner import evaluate
+
+    th = thresholds if isinstance(thresholds, Thresholds) else load_thresholds(thresholds)
+    result = CheckResult()
+    for e in th.entries:
+        quant = e.quant if e.quant is not None else build_quant(e.model, e.preset, e.tensor_type, e.imatrix,
+                                                                cache_root=cache_root)
+        if not Path(quant).exists():
+            raise ModelNotFoundError(f"{e.label}: quant {str(quant)!r} does not exist; build it or fix 'quant:'")
+        log.info("checking %s (%s)", e.label, quant)
+        report = evaluate(quant, e.model, e.tasks(), kld_cfg=th.kld, lm_cfg=th.lm, label=e.label,
+                          cache_root=cache_root, progress=progress)
+        result.reports[e.label] = report
+        metrics = report.metrics()
+        for b in e.bounds:
+            v = metrics.get(b.metric)
+            why = b.violated(v)
+            result.rows.append(CheckRow(e.label, b.metric, v, b.describe(), why is None, why))
+    return result
