@@ -194,7 +194,7 @@ def _measure_experts(sk: ModelSkeleton, path: str, names: tuple[str, str, str], 
     from dq.analysis.collect import _down, _split_gate_up
 
     mod = sk.module(path)
-    p = expert_params(mod)
+    p = {k: v.detach() for k, v in expert_params(mod).items()}
     n_exp = p["down_proj"].shape[0]
     for gname, kind in zip(names, ("gate", "up", "down")):
         st = stats[gname]

@@ -1,14 +1,59 @@
-"""``dq analyze``: placeholder until its issue lands."""
+"""``dq analyze``: measure a model (imatrix, per-tensor x type errors and bytes, super weights).
+
+Example:
+    dq analyze smollm2-135m -o out/smollm2 --tokens 8192
+    dq analyze MODEL_DIR -o out/m --candidates Q4_K,Q3_K,IQ2_XXS --resume --json
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="(not yet available)")
+    p = sub.add_parser("analyze", help="measure per-tensor quantization error, importance matrix and super weights")
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face model directory or packaged model name (default: smollm2-135m)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output directory")
+    p.add_argument("--candidates", default=None,
+                   help="comma-separated GGML types to measure (default: Q8_0,Q6_K,Q5_K,Q4_K,IQ4_XS,Q3_K,"
+                        "IQ3_XXS,Q2_K,IQ2_XXS,IQ1_M,IQ1_S,TQ1_0)")
+    p.add_argument("--calib", default=None, help="calibration text file (default: packaged C4+code+multilingual+technical)")
+    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--chat-template", action="store_true", help="wrap calibration samples in the chat template")
+    p.add_argument("--act-tokens", type=int, default=512, help="tokens kept per tensor for activation error")
+    p.add_argument("--max-elements", type=int, default=1 << 21,
+                   help="measure errors on at most this many weights per tensor (seeded row subset; 0 = all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-super-weights", action="store_true", help="skip super-weight detection and ablation")
+    p.add_argument("--ablation-tokens", type=int, default=1024, help="held-out tokens for ablation (default 1024)")
+    p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
+    p.add_argument("--threads", type=int, default=None, help="quantizer threads")
+    p.add_argument("--resume", action="store_true", help="skip blocks finished by an interrupted run in --out")
+    p.add_argument("--json", action="store_true", help="print the analysis as JSON instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("dq analyze is not implemented yet")
+    from dq.analysis.analyze import AnalyzeOptions, analyze
+    from dq.analysis.measure import parse_candidates
+    from dq.analysis.report import summary_table
+
+    opts = AnalyzeOptions(
+        candidates=parse_candidates(args.candidates), calib_file=args.calib, n_tokens=args.tokens,
+        seq_len=args.seq_len, chat_template=args.chat_template, act_tokens=args.act_tokens,
+        max_elements=args.max_elements or None, device=args.device, super_weights=not args.no_super_weights,
+        ablation_tokens=args.ablation_tokens, plots=not args.no_plots, n_threads=args.threads,
+    )
+    analysis = analyze(args.model, args.out, opts, resume=args.resume)
+    if args.json:
+        json.dump(analysis.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(summary_table(analysis))
+        print(f"wrote {args.out}/analysis.json, imatrix.gguf, *.csv, *.png")
+    return 0
