@@ -92,7 +92,10 @@ class NameMapper:
                 return f"{got}.{suffix}"
             log.debug("no GGUF name for %s", param)
             return param
-        for cand in (mod, re.sub(r"^model\.", "", mod), re.sub(r"^model\.", "", mod).replace("visual.", "vision_tower.")):
+        bare = re.sub(r"^model\.", "", mod)
+        cands = (mod, bare, bare.replace("vision_tower.", "vision_tower.vision_model.", 1),
+                 bare.replace("visual.", "vision_tower."))
+        for cand in cands:
             got = self._vmap.get_name(cand)
             if got is not None:
                 return f"{got}.{suffix}"
