@@ -1,0 +1,68 @@
+"""Bad input gives one clear DQError each; --resume skips finished blocks and refuses another model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dq.analysis.analyze import AnalyzeOptions, analyze
+from dq.errors import AnalysisError, UnsupportedArchitectureError
+
+from .conftest import FAST
+
+
+def test_unknown_architecture(tiny_llama_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "nosucharch", ["NoSuchArchForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match="unknown architecture.*nosucharch"):
+        analyze(bad, tmp_path / "out", AnalyzeOptions(**FAST))
+
+
+def test_empty_calibration_file(tiny_llama_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(AnalysisError, match="empty"):
+        analyze(tiny_llama_dir, tmp_path / "out", AnalyzeOptions(calib_file=str(empty), **FAST))
+
+
+def test_zero_tokens():
+    with pytest.raises(AnalysisError, match="--tokens must be a positive"):
+        AnalyzeOptions(n_tokens=0)
+
+
+def test_unknown_candidate():
+    with pytest.raises(AnalysisError, match="unknown candidate type 'Q9_K'"):
+        AnalyzeOptions(candidates=("Q4_K", "Q9_K"))
+
+
+def test_cli_turns_bad_input_into_exit_code(tiny_llama_dir, tmp_path, capsys):
+    from dq.cli import main
+
+    assert main(["analyze", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--tokens", "0"]) == 2
+    assert "--tokens must be a positive" in capsys.readouterr().err
+
+
+def test_resume_skips_finished_blocks_and_refuses_another_model(tiny_analysis, tiny_llama_dir, tmp_path, caplog):
+    import shutil
+
+    from dq.testing import tiny_llama
+
+    analysis, out, opts = tiny_analysis
+    work = tmp_path / "work"
+    shutil.copytree(out, work)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (work / "blocks").glob("layer_*")}
+    caplog.set_level("INFO")
+    again = analyze(tiny_llama_dir, work, opts, resume=True)
+    assert "resuming at layer 2 of 2" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "blocks").glob("layer_*")} == mtimes
+    assert [t.to_dict() for t in again.tensors] == [t.to_dict() for t in analysis.tensors]
+
+    other = tiny_llama(tmp_path / "other", seed=1, intermediate=768)
+    with pytest.raises(AnalysisError, match="resume directory .* holds an analysis of"):
+        analyze(other, work, opts, resume=True)
