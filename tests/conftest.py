@@ -34,3 +34,13 @@ def tiny_bf16_gguf(tiny_llama_dir, tmp_path_factory):
     from dq.export.convert import convert_hf_to_gguf
 
     return convert_hf_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny-bf16.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_analysis_dir(tiny_llama_dir, tmp_path_factory):
+    """`dq analyze` of the tiny Llama with a small calibration budget (analysis.json, imatrix.gguf, ...)."""
+    from dq.analysis.analyze import AnalyzeOptions, analyze
+
+    out = tmp_path_factory.mktemp("tiny-analysis")
+    analyze(tiny_llama_dir, out, AnalyzeOptions(n_tokens=1024, seq_len=256, ablation_tokens=256, plots=False))
+    return out

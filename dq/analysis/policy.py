@@ -6,8 +6,11 @@ Defaults follow the Unsloth dynamic-quant recipe:
 - attention and shared experts never go below ~2.5 bits, while routed experts may go to 1.58-bit
   (IQ1_S, IQ1_M, TQ1_0) — so attention and shared experts always sit above the routed experts'
   floor;
-- the first ``first_down_layers`` down_proj tensors and every tensor holding a super weight are kept
-  at ``protected_floor`` (Q8_0) or above;
+- the first ``first_down_layers`` dense (and shared-expert) down_proj tensors and every dense tensor
+  holding a super weight are kept at ``protected_floor`` (Q8_0) or above. A routed-expert tensor holding
+  a super weight is raised to ``protected_expert_floor`` (IQ2_XXS, as Unsloth keeps DeepSeek's
+  down_exps at 2.06 bits) instead: GGUF merges all experts of a layer into one tensor, so Q8_0 there
+  would cost as much as the rest of the layer;
 - vision towers and projectors are BF16 or Q8_0.
 A role's allowed set is every candidate type whose bits per weight is at least the role's floor.
 """
@@ -58,13 +61,15 @@ class Policy:
     Attributes:
         role_floors: role -> lowest type allowed (by bits per weight).
         protected_floor: floor for super-weight tensors and the first down_proj layers.
-        first_down_layers: how many leading layers' down_proj (and expert down) are protected.
+        protected_expert_floor: floor for a merged routed-expert tensor holding a super weight.
+        first_down_layers: how many leading layers' dense/shared down_proj are protected.
         protect_super_weights: raise tensors holding a detected super weight to ``protected_floor``.
         float_types: extra types allowed for vision/projector roles (BF16 keeps them unquantized).
     """
 
     role_floors: Mapping[TensorRole, QuantFormat] = field(default_factory=lambda: dict(DEFAULT_ROLE_FLOORS))
     protected_floor: QuantFormat = QuantFormat.Q8_0
+    protected_expert_floor: QuantFormat = QuantFormat.IQ2_XXS
     first_down_layers: int = 2
     protect_super_weights: bool = True
     float_types: tuple[QuantFormat, ...] = (QuantFormat.BF16,)
@@ -80,12 +85,13 @@ class Policy:
 
     def floor_for(self, role: TensorRole, layer: int | None, holds_super_weight: bool) -> QuantFormat:
         floor = self.role_floors.get(role, self.role_floors.get(TensorRole.OTHER, QuantFormat.Q4_K))
+        routed = role in (TensorRole.EXPERT_GATE, TensorRole.EXPERT_UP, TensorRole.EXPERT_DOWN)
         protected = (holds_super_weight and self.protect_super_weights) or (
-            role in (TensorRole.FFN_DOWN, TensorRole.EXPERT_DOWN, TensorRole.SHARED_DOWN)
-            and layer is not None and layer < self.first_down_layers
+            role in (TensorRole.FFN_DOWN, TensorRole.SHARED_DOWN) and layer is not None and layer < self.first_down_layers
         )
-        if protected and FORMATS[self.protected_floor].bits_per_weight > FORMATS[floor].bits_per_weight:
-            floor = self.protected_floor
+        raised = self.protected_expert_floor if routed else self.protected_floor
+        if protected and FORMATS[raised].bits_per_weight > FORMATS[floor].bits_per_weight:
+            floor = raised
         return floor
 
     def allowed(self, role: TensorRole, layer: int | None, holds_super_weight: bool,
@@ -102,6 +108,7 @@ class Policy:
         return {
             "role_floors": {r.value: f.value for r, f in self.role_floors.items()},
             "protected_floor": self.protected_floor.value,
+            "protected_expert_floor": self.protected_expert_floor.value,
             "first_down_layers": self.first_down_layers,
             "protect_super_weights": self.protect_super_weights,
             "float_types": [f.value for f in self.float_types],
@@ -122,6 +129,7 @@ class Policy:
         return cls(
             role_floors=floors,
             protected_floor=parse_format(d.get("protected_floor", QuantFormat.Q8_0.value)),
+            protected_expert_floor=parse_format(d.get("protected_expert_floor", QuantFormat.IQ2_XXS.value)),
             first_down_layers=int(d.get("first_down_layers", 2)),
             protect_super_weights=bool(d.get("protect_super_weights", True)),
             float_types=tuple(parse_format(f) for f in d.get("float_types", ["BF16"])),

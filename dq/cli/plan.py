@@ -60,7 +60,8 @@ def build_plan(analysis_path: Path, args: argparse.Namespace):
     return inputs, plan
 
 
-def print_summary(plan: QuantPlan, file=sys.stdout) -> None:
+def print_summary(plan: QuantPlan, file=None) -> None:
+    file = file or sys.stdout
     by_type: Counter[str] = Counter()
     bytes_by_type: Counter[str] = Counter()
     for t in plan.tensors.values():
