@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,9 +165,23 @@ def plan_upload(
                       private=private)
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level exception classes of whichever HTTP client this huggingface_hub uses
+    (httpx2 in 2.x, httpx in 1.x, requests before)."""
+    import importlib
+
+    out: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(out)
+
+
 def _hub_call(what: str, endpoint: str, fn, *args, **kwargs):
     """Run a huggingface_hub call, turning its failures into dq errors that say what to do."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
@@ -181,9 +196,9 @@ def _hub_call(what: str, endpoint: str, fn, *args, **kwargs):
                 f"namespace (`hf auth login`, or HF_TOKEN)"
             ) from exc
         raise HubUploadError(f"{what}: the Hub answered HTTP {status}: {exc}") from exc
-    except (httpx.TransportError, ConnectionError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+    except ValueError as exc:  # e.g. "Invalid metadata in README.md" from the Hub's YAML check
+        raise HubUploadError(f"{what}: {exc}") from exc
+    except _transport_errors() as exc:
         raise HubOfflineError(f"{what}: cannot reach {endpoint} ({exc}); check the connection or HF_ENDPOINT") from exc
 
 
@@ -203,7 +218,8 @@ def upload(plan: UploadPlan, *, token: str | None = None, endpoint: str | None =
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     token = resolve_token(token)
-    endpoint = endpoint or constants.ENDPOINT
+    # HF_ENDPOINT is read by huggingface_hub at import; honour it when it is set later (tests, notebooks).
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     api = HfApi(endpoint=endpoint, token=token)
     repo = plan.repo_id
     url = _hub_call("create repo", endpoint, api.create_repo, repo, repo_type="model", private=plan.private,
