@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("KLD/PPL")
     g.add_argument("--ctx", type=int, default=512, help="tokens per chunk; the second half is scored (default 512)")
     g.add_argument("--chunks", type=int, default=16, help="number of chunks (default 16)")
-    g.add_argument("--topk", type=int, default=512, help="base log-probs cached per token (default 512)")
+    g.add_argument("--topk", type=int, default=256, help="base log-probs cached exactly per token (default 256)")
+    g.add_argument("--tail-samples", type=int, default=256,
+                   help="tail token ids cached per token for the tail quadrature (default 256)")
     g.add_argument("--text", default="wiki", help="evaluation text: 'wiki' (packaged held-out) or a UTF-8 file")
     g = p.add_argument_group("lm-eval")
     g.add_argument("--limit", type=int, default=None, help="questions per task / per MMLU subject (default all)")
@@ -133,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
         from dq.export.atomic import check_writable
 
         check_writable(args.output)
-    kcfg = KLDConfig(ctx=args.ctx, chunks=args.chunks, topk=args.topk, text=args.text, n_threads=args.threads,
-                     hf_dtype=args.hf_dtype)
+    kcfg = KLDConfig(ctx=args.ctx, chunks=args.chunks, topk=args.topk, tail_samples=args.tail_samples,
+                     text=args.text, n_threads=args.threads, hf_dtype=args.hf_dtype)
     lcfg = LMEvalConfig(limit=args.limit, mmlu_subjects=parse_subjects(args.mmlu_subjects),
                         num_fewshot=args.num_fewshot, max_length=args.max_length, n_threads=args.threads,
                         hf_dtype=args.hf_dtype)

@@ -6,7 +6,7 @@ The file (llm-compressor's ``tests/lmeval/configs`` pattern: model, scheme, metr
     settings:                     # evaluation settings shared by every entry (all optional)
       ctx: 512                    # KLD chunk length
       chunks: 8                   # KLD chunks
-      topk: 512                   # base log-probs cached per token
+      topk: 256                   # base log-probs cached exactly per token
       tasks_limit: 4              # lm-eval questions per task / per MMLU subject
       mmlu_subjects: quick        # all | quick | [subject, ...]
     entries:
@@ -43,7 +43,7 @@ __all__ = ["Bound", "ThresholdEntry", "Thresholds", "CheckRow", "load_thresholds
 
 log = logging.getLogger(__name__)
 
-_SETTINGS_KEYS = {"ctx", "chunks", "topk", "tasks_limit", "mmlu_subjects", "num_fewshot", "max_length"}
+_SETTINGS_KEYS = {"ctx", "chunks", "topk", "tail_samples", "tasks_limit", "mmlu_subjects", "num_fewshot", "max_length"}
 _ENTRY_KEYS = {"name", "model", "preset", "tensor_type", "imatrix", "quant", "plan", "bounds"}
 
 
@@ -165,7 +165,8 @@ def load_thresholds(path: str | Path) -> Thresholds:
     from dq.evals.errors import EvalConfigError
 
     try:
-        kld = KLDConfig(ctx=int(s.get("ctx", 512)), chunks=int(s.get("chunks", 8)), topk=int(s.get("topk", 512)))
+        kld = KLDConfig(ctx=int(s.get("ctx", 512)), chunks=int(s.get("chunks", 8)), topk=int(s.get("topk", 256)),
+                        tail_samples=int(s.get("tail_samples", 256)))
         subjects = s.get("mmlu_subjects", "quick")
         lm = LMEvalConfig(
             limit=s.get("tasks_limit"), num_fewshot=int(s.get("num_fewshot", 5)),
