@@ -89,6 +89,7 @@ def make_plan(
     policy: Policy | None = None,
     calibrate: bool = True,
     calib_tokens: int = 512,
+    refine: bool = False,
 ) -> QuantPlan:
     """Allocate types for ``inputs`` under ``budget`` bytes (the whole file)."""
     from dq.analysis.sensitivity import load_or_calibrate_gains, pick_probe
@@ -114,4 +115,10 @@ def make_plan(
                     analysis_path=str(inputs.analysis_path), damage_model=damage_model)
     log.info("plan: %s bytes of %s budget, predicted damage %.4g", f"{plan.total_bytes:,}", f"{budget:,}",
              plan.predicted_damage)
+    if refine:
+        from dq.analysis.refine import refine_plan
+
+        plan, steps = refine_plan(inputs, plan, gains or {}, policy=policy, header_bytes=header)
+        for st in steps:
+            log.info("refine: %-32s %s bytes, measured KLD %.5f", st.what, f"{st.bytes:,}", st.measured_kld)
     return plan

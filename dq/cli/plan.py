@@ -32,6 +32,8 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-size", default=None, help="whole-file budget, e.g. 80MB, 1.5GB, 700MiB")
     p.add_argument("--target-bpw", type=float, default=None, help="budget in bits per weight over all tensors")
     p.add_argument("--policy", type=Path, default=None, help="YAML with policy overrides (role_floors, ...)")
+    p.add_argument("--refine", action="store_true",
+                   help="measure the plan's real KLD and re-allocate by measured ΔKLD per role (slower)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip the single-tensor KLD calibration of the damage weights (faster, less accurate)")
 
@@ -56,7 +58,8 @@ def build_plan(analysis_path: Path, args: argparse.Namespace):
     inputs = load_plan_inputs(analysis_path)
     n = sum(int(__import__("math").prod(s.shape)) for s in read_source_tensors(inputs.source_gguf))
     budget = budget_bytes(args.target_size, args.target_bpw, n)
-    plan = make_plan(inputs, budget, policy=load_policy(args.policy), calibrate=not args.no_calibrate)
+    plan = make_plan(inputs, budget, policy=load_policy(args.policy), calibrate=not args.no_calibrate,
+                     refine=args.refine)
     return inputs, plan
 
 

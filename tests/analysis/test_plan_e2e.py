@@ -68,3 +68,20 @@ def test_plan_from_another_model_is_refused(tiny_analysis_dir, tmp_path, capsys)
 def test_budget_argument_errors(tiny_analysis_dir, tmp_path, capsys, argv, needle):
     assert main(["plan", str(tiny_analysis_dir), "-o", str(tmp_path / "p.yaml"), *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_refine_never_returns_a_worse_plan(tiny_analysis_dir):
+    from dq.analysis.planning import load_plan_inputs, make_plan
+    from dq.analysis.refine import refine_plan
+    from dq.analysis.sensitivity import load_or_calibrate_gains
+    from dq.export.gguf_quantize import header_size
+
+    inputs = load_plan_inputs(tiny_analysis_dir)
+    plan = make_plan(inputs, 1_000_000)
+    gains = load_or_calibrate_gains(inputs.model_dir, inputs.analysis, tiny_analysis_dir / "gains.json")
+    header = header_size(inputs.source_gguf, imatrix=inputs.imatrix, imatrix_name=inputs.imatrix_path.name)
+    best, steps = refine_plan(inputs, plan, gains, header_bytes=header, chunks=2, ctx=256)
+    assert steps[0].what == "initial plan" and len(steps) == 2
+    assert best.total_bytes <= plan.budget_bytes
+    kept = best is plan
+    assert (steps[1].measured_kld >= steps[0].measured_kld) == kept
