@@ -45,7 +45,7 @@ from dq.export.bnb_plan import (
 )
 from dq.export.convert import read_hf_config
 
-__all__ = ["SafetensorsQuant", "quantize_safetensors_bnb", "quantization_config", "DEFAULT_SHARD_BYTES"]
+__all__ = ["SafetensorsQuant", "quantize_safetensors_bnb", "quantization_config", "nf4_nbytes", "DEFAULT_SHARD_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,11 @@ def _atomic_dir(out_dir: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the permissions mkdir would
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
         old = None
@@ -132,6 +136,33 @@ def _model_dtype(config: dict):
     name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
     # Keep 16-bit sources as they are; float32 sources are stored as bf16 (the 16-bit half of the checkpoint).
     return torch.float16 if name == "float16" else torch.bfloat16
+
+
+def nf4_nbytes(n: int, *, double_quant: bool = True, blocksize: int = BLOCKSIZE) -> int:
+    """Bytes bitsandbytes stores for an NF4 weight of ``n`` elements (codes, scales, maps, quant-state JSON)."""
+    blocks = -(-n // blocksize)
+    if double_quant:  # uint8 scales + fp32 scale-of-scales per 256 blocks, offset, 256-entry map
+        scales = blocks + 4 * -(-blocks // 256) + 4 + 4 * 256
+    else:
+        scales = 4 * blocks
+    return -(-n // 2) + scales + 4 * 16 + 200  # + NF4 code map + packed quant_state JSON (~200 B)
+
+
+def _fraction_for_bytes(target: int, fixed: int, linear: dict[str, int], double_quant: bool) -> float:
+    """``keep_fraction`` whose checkpoint is about ``target`` bytes: every kept parameter costs
+    2 bytes instead of its NF4 share."""
+    from dq.errors import BudgetError
+
+    nf4 = sum(nf4_nbytes(n, double_quant=double_quant) for n in linear.values())
+    floor = fixed + nf4
+    if target < floor:
+        raise BudgetError(
+            f"target {target:,} bytes is below the size with every linear module in NF4 ({floor:,} bytes); "
+            f"raise --target-size/--target-bpw to at least that"
+        )
+    total = sum(linear.values())
+    per_param = 2.0 - nf4 / total
+    return min(0.999, (target - floor) / (per_param * total))
 
 
 def _write_shards(tensors: dict, tmp: Path, max_shard_bytes: int) -> int:
@@ -176,6 +207,8 @@ def quantize_safetensors_bnb(
     cpu_safe: bool = True,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    target_bytes: int | None = None,
+    dry_run: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SafetensorsQuant:
     """Write a dynamic NF4 checkpoint of ``model_dir`` to ``out_dir`` (atomically).
@@ -192,6 +225,10 @@ def quantize_safetensors_bnb(
         double_quant: quantize the NF4 block scales too (``bnb_4bit_use_double_quant``, as QLoRA).
         cpu_safe: keep modules whose out_features is not a multiple of 32 in 16-bit, because
             bitsandbytes' AVX512-BF16 CPU kernel cannot run them.
+        target_bytes: a size budget for the checkpoint instead of ``keep_fraction``: the 16-bit set
+            grows, worst NF4 error first, until the files would exceed it (within ~0.1%).
+        dry_run: measure and plan, write nothing; ``size_bytes`` is then the tensor payload (the
+            files add only their JSON headers).
 
     Returns:
         A :class:`SafetensorsQuant` with the plan, the bytes written and bits per weight.
@@ -211,7 +248,8 @@ def quantize_safetensors_bnb(
 
     model_dir, out_dir = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     config = _check_source(model_dir)
-    _prepare_out(out_dir, overwrite)
+    if not dry_run:
+        _prepare_out(out_dir, overwrite)
     require_bitsandbytes()
 
     dtype = _model_dtype(config)
@@ -228,6 +266,18 @@ def quantize_safetensors_bnb(
             if progress:
                 progress("quantize", i + 1, len(names))
         return out
+
+    if target_bytes is not None:
+        from dq.errors import BudgetError
+
+        if keep is not None or keep_fraction is not None:
+            raise BudgetError("give one budget: keep, keep_fraction or target_bytes (--keep, --keep-fraction or --target-size/--target-bpw)")
+        linear = {n: shapes[n][0] * shapes[n][1] for n in shapes if module_role(n) != "output"}
+        tied_keys = set(getattr(model, "all_tied_weights_keys", {}) or {}) if config.get("tie_word_embeddings") else set()
+        fixed = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
+                    if k not in tied_keys and k.rsplit(".", 1)[0] not in linear)
+        keep_fraction = _fraction_for_bytes(target_bytes, fixed, linear, double_quant)
+        log.info("target %s bytes -> keep up to %.2f%% of linear weights in 16-bit", f"{target_bytes:,}", 100 * keep_fraction)
 
     def _plain(n: str) -> ModuleMeasurement:
         return ModuleMeasurement(n, shapes[n], max_abs_weight=float(linears[n].weight.detach().abs().max()))
@@ -278,6 +328,9 @@ def quantize_safetensors_bnb(
     assert not missing, f"quantized modules absent from the state dict: {missing[:3]}"
 
     n_params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    if dry_run:
+        payload = sum(t.numel() * t.element_size() for t in tensors.values())
+        return SafetensorsQuant(path=out_dir, plan=plan, size_bytes=payload, n_params=n_params)
     with _atomic_dir(out_dir) as tmp:
         _write_shards(tensors, tmp, max_shard_bytes)
         new_config = {**config, "quantization_config": quantization_config(plan)}
@@ -292,5 +345,3 @@ def quantize_safetensors_bnb(
              out_dir, s["n_quantized"], s["n_kept"], 100 * s["kept_param_fraction"], f"{size:,}", 8.0 * size / n_params)
     return SafetensorsQuant(path=out_dir, plan=plan, size_bytes=size, n_params=n_params)
 
-
-__all__ += ["BLOCKSIZE"]

@@ -227,3 +227,60 @@ def test_module_roles():
     assert module_role("model.layers.3.mlp.gate_proj") == "ffn_gate"
     assert module_role("visual.blocks.0.attn.qkv") == "vision"
     assert module_role("lm_head") == "output"
+
+
+# --- dq quantize --format safetensors (run_safetensors; dq/cli/quantize.py wires it in) -------------
+
+def _cli(argv):
+    import argparse
+    from pathlib import Path
+
+    from dq.cli.quantize_safetensors import add_safetensors_arguments
+
+    p = argparse.ArgumentParser()
+    # options dq/cli/quantize.py already has, shared with the GGUF path
+    p.add_argument("model", nargs="?")
+    p.add_argument("-o", "--output", type=Path)
+    p.add_argument("--plan")
+    p.add_argument("--analysis", type=Path)
+    p.add_argument("--target-size")
+    p.add_argument("--target-bpw", type=float)
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--format", choices=("gguf", "safetensors"), default="gguf")
+    add_safetensors_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_cli_target_size_dry_run_and_plan_reuse(tiny_llama_dir, tiny_quant, tmp_path, capsys):
+    import os
+
+    from dq.cli.quantize_safetensors import run_safetensors
+
+    args = _cli([str(tiny_llama_dir), "--format", "safetensors", "-o", str(tmp_path / "dry"), "--dry-run", "--json",
+                 "--keep", "model.layers.0.mlp.down_proj"])
+    assert run_safetensors(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] is None and not (tmp_path / "dry").exists()
+    assert {m["name"] for m in out["plan"]["modules"] if not m["quantize"]} == {"lm_head", "model.layers.0.mlp.down_proj"}
+
+    args = _cli([str(tiny_llama_dir), "--format", "safetensors", "-o", str(tmp_path / "t"), "--target-size", "1.5MB",
+                 "--calib-tokens", "256"])
+    assert run_safetensors(args) == 0
+    size = (tmp_path / "t" / "model.safetensors").stat().st_size
+    assert 1_400_000 < size <= 1_500_000
+    assert oct(os.stat(tmp_path / "t").st_mode & 0o777) != "0o700"
+
+    # --plan dq_plan.json re-applies a plan's 16-bit set without measuring
+    args = _cli([str(tiny_llama_dir), "--format", "safetensors", "-o", str(tmp_path / "re"),
+                 "--plan", str(tiny_quant.path / PLAN_FILE)])
+    assert run_safetensors(args) == 0
+    assert BnbPlan.load(tmp_path / "re").skip_modules() == tiny_quant.plan.skip_modules()
+
+    with pytest.raises(BudgetError, match="below the size with every linear module in NF4"):
+        run_safetensors(_cli([str(tiny_llama_dir), "--format", "safetensors", "-o", str(tmp_path / "x"),
+                              "--target-size", "100KB"]))
+    with pytest.raises(PlanError, match="neither"):
+        (tmp_path / "p.json").write_text("{}")
+        run_safetensors(_cli([str(tiny_llama_dir), "--format", "safetensors", "-o", str(tmp_path / "x"),
+                              "--plan", str(tmp_path / "p.json")]))
