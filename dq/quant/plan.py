@@ -101,7 +101,8 @@ class QuantPlan:
         Every tensor gets its own anchored rule, so no preset counter can shift; the base type given to
         llama-quantize does not matter then (use ``--allow-requantize`` only if the input is quantized).
         """
-        return [f"--tensor-type '^{re.escape(name)}$={t.type.value.lower()}'" for name, t in self.tensors.items()]
+        return [f"--tensor-type '^{re.escape(name)}$={t.type.value.lower()}'" for name, t in self.tensors.items()
+                if t.reason != "kept"]
 
     def to_dict(self) -> dict[str, Any]:
         n_bytes = sum(t.bytes for t in self.tensors.values())

@@ -135,7 +135,9 @@ def test_plan_file_round_trip_and_validation(tmp_path):
     with pytest.raises(PlanError, match="unknown keys"):
         QuantPlan.load(tmp_path / "bad.yaml")
     lines = plan.llama_quantize_args()
-    assert "--tensor-type '^blk\\.0\\.attn_q\\.weight$=" in lines[[i for i, s in enumerate(sources) if s.name == "blk.0.attn_q.weight"][0]]
+    assert len(lines) == sum(t.reason != "kept" for t in plan.tensors.values())
+    want = plan.tensors["blk.0.attn_q.weight"].type.value.lower()
+    assert f"--tensor-type '^blk\\.0\\.attn_q\\.weight$={want}'" in lines
 
 
 def test_policy_from_dict_rejects_unknown_keys():

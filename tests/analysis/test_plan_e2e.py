@@ -85,3 +85,18 @@ def test_refine_never_returns_a_worse_plan(tiny_analysis_dir):
     assert best.total_bytes <= plan.budget_bytes
     kept = best is plan
     assert (steps[1].measured_kld >= steps[0].measured_kld) == kept
+
+
+def test_quantize_plan_auto_with_an_existing_analysis(tiny_analysis_dir, tiny_llama_dir, tmp_path):
+    out = tmp_path / "auto.gguf"
+    assert main(["quantize", str(tiny_llama_dir), "--plan", "auto", "--analysis", str(tiny_analysis_dir),
+                 "--target-size", "950KB", "-o", str(out)]) == 0
+    assert out.stat().st_size <= 950_000
+    plan = QuantPlan.load(tmp_path / "auto.plan.yaml")
+    assert plan.total_bytes == out.stat().st_size
+
+
+def test_plan_auto_needs_a_budget(tiny_analysis_dir, tiny_llama_dir, tmp_path, capsys):
+    assert main(["quantize", str(tiny_llama_dir), "--plan", "auto", "--analysis", str(tiny_analysis_dir),
+                 "-o", str(tmp_path / "a.gguf")]) == 2
+    assert "needs a budget" in capsys.readouterr().err
