@@ -1,0 +1,68 @@
+"""A super weight planted in SmolLM2 at a known coordinate is found exactly, and its ablation is reported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dq.analysis.analyze import AnalyzeOptions, analyze
+
+LAYER, ROW = 5, 100
+KEEP_LAYERS = 8  # SmolLM2's first 8 real layers keep the test fast; detection is per layer
+
+
+def _down_proj_maxima(model_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    down = model.model.layers[LAYER].mlp.down_proj
+    seen = {"x": torch.zeros(down.in_features), "y": 0.0}
+
+    def hook(m, inp, out):
+        seen["x"] = torch.maximum(seen["x"], inp[0].abs().amax((0, 1)))
+        seen["y"] = max(seen["y"], float(out.abs().max()))
+
+    down.register_forward_hook(hook)
+    with torch.no_grad():
+        for s in range(ids.shape[0]):
+            model(input_ids=ids[s : s + 1])
+    return seen["x"], seen["y"]
+
+
+@pytest.mark.slow
+def test_planted_super_weight_found_exactly(smollm2_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from dq.analysis.stream import tokenize_calibration
+    from dq.data import calibration_text
+
+    opts = AnalyzeOptions(candidates=("Q8_0",), n_tokens=1024, seq_len=256, act_tokens=64, plots=False,
+                          ablation_tokens=256, max_ablations=6)
+    ids = tokenize_calibration(AutoTokenizer.from_pretrained(smollm2_dir), calibration_text(), opts.n_tokens,
+                               opts.seq_len)
+    x_max, y_max = _down_proj_maxima(smollm2_dir, ids)
+    col = int(torch.argmax(x_max))  # plant where the input already spikes, as a real super weight sits
+    planted = tmp_path / "planted"
+    shutil.copytree(smollm2_dir, planted, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((planted / "config.json").read_text())
+    cfg["num_hidden_layers"] = KEEP_LAYERS
+    (planted / "config.json").write_text(json.dumps(cfg))
+    sd = {k: v for k, v in load_file(smollm2_dir / "model.safetensors").items()
+          if ".layers." not in k or int(k.split(".")[2]) < KEEP_LAYERS}
+    key = f"model.layers.{LAYER}.mlp.down_proj.weight"
+    value = 50.0 * y_max / float(x_max[col])  # its output is 50x the layer's largest
+    sd[key] = sd[key].clone()
+    sd[key][ROW, col] = value
+    save_file(sd, planted / "model.safetensors", metadata={"format": "pt"})
+
+    a = analyze(planted, tmp_path / "out", opts)
+    found = [s for s in a.super_weights if s.layer == LAYER]
+    assert len(found) == 1, a.extra["super_weight_candidates"]
+    sw = found[0]
+    assert (sw.tensor, sw.row, sw.col) == (f"blk.{LAYER}.ffn_down.weight", ROW, col)
+    assert sw.value == pytest.approx(float(sd[key][ROW, col]), rel=1e-6)
+    assert sw.ablation_ppl_ratio is not None and sw.ablation_kld is not None and sw.ablation_kld > 0
