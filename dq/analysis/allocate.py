@@ -77,7 +77,8 @@ def build_items(
 ) -> tuple[list[Item], list[SourceTensor]]:
     """Knapsack items for the quantizable tensors, and the tensors kept as they are."""
     measured = analysis.by_name()
-    super_tensors = {s.tensor for s in analysis.super_weights}
+    super_tensors = {s.tensor for s in analysis.super_weights
+                     if s.ablation_ppl_ratio is None or s.ablation_ppl_ratio >= policy.super_weight_min_ppl_ratio}
     items, kept = [], []
     for src in sources:
         role = classify(src.name)

@@ -64,6 +64,8 @@ class Policy:
         protected_expert_floor: floor for a merged routed-expert tensor holding a super weight.
         first_down_layers: how many leading layers' dense/shared down_proj are protected.
         protect_super_weights: raise tensors holding a detected super weight to ``protected_floor``.
+        super_weight_min_ppl_ratio: a candidate counts as a super weight only if zeroing it raised held-out
+            perplexity by at least this factor (candidates without an ablation count).
         float_types: extra types allowed for vision/projector roles (BF16 keeps them unquantized).
     """
 
@@ -72,6 +74,7 @@ class Policy:
     protected_expert_floor: QuantFormat = QuantFormat.IQ2_XXS
     first_down_layers: int = 2
     protect_super_weights: bool = True
+    super_weight_min_ppl_ratio: float = 1.1
     float_types: tuple[QuantFormat, ...] = (QuantFormat.BF16,)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,7 @@ class Policy:
             "protected_expert_floor": self.protected_expert_floor.value,
             "first_down_layers": self.first_down_layers,
             "protect_super_weights": self.protect_super_weights,
+            "super_weight_min_ppl_ratio": self.super_weight_min_ppl_ratio,
             "float_types": [f.value for f in self.float_types],
         }
 
@@ -132,5 +136,6 @@ class Policy:
             protected_expert_floor=parse_format(d.get("protected_expert_floor", QuantFormat.IQ2_XXS.value)),
             first_down_layers=int(d.get("first_down_layers", 2)),
             protect_super_weights=bool(d.get("protect_super_weights", True)),
+            super_weight_min_ppl_ratio=float(d.get("super_weight_min_ppl_ratio", 1.1)),
             float_types=tuple(parse_format(f) for f in d.get("float_types", ["BF16"])),
         )

@@ -140,6 +140,18 @@ def test_plan_file_round_trip_and_validation(tmp_path):
     assert f"--tensor-type '^blk\\.0\\.attn_q\\.weight$={want}'" in lines
 
 
+def test_only_confirmed_super_weights_are_protected():
+    analysis, sources = _fake(MOE, sw_tensor="blk.5.ffn_down_shexp.weight")
+    sw = analysis.super_weights[0]
+    import dataclasses
+
+    weak = dataclasses.replace(analysis, super_weights=(dataclasses.replace(sw, ablation_ppl_ratio=1.01),))
+    strong = dataclasses.replace(analysis, super_weights=(dataclasses.replace(sw, ablation_ppl_ratio=5.7),))
+    budget = int(2.2 * _n(sources) / 8)
+    assert allocate(strong, sources, budget, header_bytes=4096).tensors["blk.5.ffn_down_shexp.weight"].type is Q.Q8_0
+    assert allocate(weak, sources, budget, header_bytes=4096).tensors["blk.5.ffn_down_shexp.weight"].reason != "super weight"
+
+
 def test_policy_from_dict_rejects_unknown_keys():
     with pytest.raises(PlanError, match="unknown keys"):
         Policy.from_dict({"role_floor": {}})
