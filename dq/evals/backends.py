@@ -133,7 +133,8 @@ class LogitsModel:
 class GGUFLogits(LogitsModel):
     """A GGUF through ``llama_cpp.Llama(logits_all=True)`` (CPU)."""
 
-    def __init__(self, ref: ModelRef, *, n_ctx: int, n_threads: int | None = None, n_batch: int = 512):
+    def __init__(self, ref: ModelRef, *, n_ctx: int, n_threads: int | None = None, n_batch: int = 512,
+                 tokenizer_only: bool = False):
         import llama_cpp
 
         from dq.export.source import check_gguf
@@ -144,7 +145,7 @@ class GGUFLogits(LogitsModel):
             self.llm = llama_cpp.Llama(
                 str(ref.path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
                 logits_all=True, verbose=False, n_threads=n_threads or default_threads(),
-                n_threads_batch=n_threads or default_threads(),
+                n_threads_batch=n_threads or default_threads(), vocab_only=tokenizer_only,
             )
         except ValueError as exc:
             raise CorruptFileError(f"llama.cpp cannot load {ref.path} ({exc}); is it a complete model GGUF?") from exc
@@ -181,9 +182,10 @@ class GGUFLogits(LogitsModel):
 class HFLogits(LogitsModel):
     """A Hugging Face directory through transformers on CPU (float32 compute by default)."""
 
-    def __init__(self, ref: ModelRef, *, dtype: str = "float32", n_threads: int | None = None):
+    def __init__(self, ref: ModelRef, *, dtype: str = "float32", n_threads: int | None = None,
+                 tokenizer_only: bool = False):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"hf dtype {dtype!r} is not one of float32, bfloat16, float16")
@@ -191,8 +193,14 @@ class HFLogits(LogitsModel):
         self.ref = ref
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(ref.path)
-        self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).eval()
-        self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        if tokenizer_only:
+            self.model = None
+            config = AutoConfig.from_pretrained(ref.path)
+            config = getattr(config, "get_text_config", lambda: config)()
+            self.n_vocab = int(config.vocab_size)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).eval()
+            self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
         probe = self.tok("a").input_ids
         self.bos_id = self.tok.bos_token_id
         self.add_bos = bool(self.bos_id is not None and probe and probe[0] == self.bos_id)
@@ -205,6 +213,8 @@ class HFLogits(LogitsModel):
         return self.tok.decode(list(tokens))
 
     def logits(self, tokens: Sequence[int], keep_last: int | None = None) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError("opened with tokenizer_only=True")
         torch = self.torch
         with torch.inference_mode():
             ids = torch.tensor([list(tokens)], dtype=torch.long)
@@ -224,6 +234,7 @@ def open_logits_model(
     n_ctx: int = 512,
     n_threads: int | None = None,
     hf_dtype: str = "float32",
+    tokenizer_only: bool = False,
 ) -> LogitsModel:
     """Open a GGUF or HF model for logits.
 
@@ -232,6 +243,8 @@ def open_logits_model(
         n_ctx: the longest sequence :meth:`LogitsModel.logits` will be given (GGUF context size).
         n_threads: CPU threads (default :func:`default_threads`).
         hf_dtype: compute dtype for HF models.
+        tokenizer_only: load only the tokenizer and vocabulary size (``logits`` is unavailable): cheap,
+            for tokenizing and checking tokenizers before a cached pass.
 
     Returns:
         A :class:`GGUFLogits` or :class:`HFLogits`; close it (or use ``with``) to free memory.
@@ -242,5 +255,5 @@ def open_logits_model(
             import llama_cpp  # noqa: F401
         except ImportError as exc:  # pragma: no cover - a core dependency
             raise DataPackageMissingError("GGUF evaluation needs `pip install llama-cpp-python==0.3.36`") from exc
-        return GGUFLogits(ref, n_ctx=n_ctx, n_threads=n_threads)
-    return HFLogits(ref, dtype=hf_dtype, n_threads=n_threads)
+        return GGUFLogits(ref, n_ctx=n_ctx, n_threads=n_threads, tokenizer_only=tokenizer_only)
+    return HFLogits(ref, dtype=hf_dtype, n_threads=n_threads, tokenizer_only=tokenizer_only)

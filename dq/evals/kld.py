@@ -40,7 +40,7 @@ import numpy as np
 
 from dq.cache import cache_dir
 from dq.errors import ModelNotFoundError
-from dq.evals.backends import LogitsModel, ModelRef, open_logits_model
+from dq.evals.backends import LogitsModel, ModelRef, open_logits_model, resolve_model_ref
 from dq.evals.errors import EvalConfigError, TokenizerMismatchError
 
 __all__ = [
@@ -233,6 +233,15 @@ class BaseCache:
     def path_for(key: str, root: Path | None = None) -> Path:
         return (root or cache_dir()) / "evals" / "kld-base" / key
 
+    @classmethod
+    def lookup(cls, base: ModelRef, ids: np.ndarray, cfg: KLDConfig, root: Path | None = None) -> BaseCache | None:
+        """The cached base pass for these settings, or None."""
+        target = cls.path_for(cls.key(base, ids, cfg), root)
+        if (target / "meta.json").is_file():
+            log.info("reusing cached base pass %s", target)
+            return cls(target)
+        return None
+
     def chunk(self, i: int) -> dict[str, np.ndarray]:
         with np.load(self.root / f"chunk-{i:05d}.npz") as z:
             return {k: z[k] for k in z.files}
@@ -282,11 +291,11 @@ def base_pass(base: LogitsModel, ids: np.ndarray, cfg: KLDConfig, *, cache_root:
         cache_root: cache root (default ``$DQ_CACHE``).
         progress: called as ``progress("base", done, total)``.
     """
+    cached = BaseCache.lookup(base.ref, ids, cfg, cache_root)
+    if cached is not None:
+        return cached
     key = BaseCache.key(base.ref, ids, cfg)
     target = BaseCache.path_for(key, cache_root)
-    if (target / "meta.json").is_file():
-        log.info("reusing cached base pass %s", target)
-        return BaseCache(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     k = min(cfg.topk, base.n_vocab)
@@ -428,11 +437,17 @@ def run_kld(
         return KLDResult(n_tokens=cfg.chunks * cfg.scored_per_chunk, ppl_quant=ppl,
                          settings={"ctx": cfg.ctx, "chunks": cfg.chunks, "text": cfg.text,
                                    "scored_per_chunk": cfg.scored_per_chunk})
-    with open_logits_model(base, **kw) as b:
-        prefix, ids = eval_tokens(b, text, cfg)
-        # Open the quant's tokenizer before the (slow) base pass, so a mismatch fails fast.
-        with open_logits_model(quant, **kw) as q:
-            check_tokenizers(b, q, prefix, ids)
+    bref = base if isinstance(base, ModelRef) else resolve_model_ref(base)
+    qref = quant if isinstance(quant, ModelRef) else resolve_model_ref(quant)
+    # Tokenizers first (cheap): a mismatch fails before any model is loaded, and a cached base pass
+    # never loads the base model. Only one model is in memory at a time.
+    with open_logits_model(bref, tokenizer_only=True, **kw) as bt, \
+            open_logits_model(qref, tokenizer_only=True, **kw) as qt:
+        prefix, ids = eval_tokens(bt, text, cfg)
+        check_tokenizers(bt, qt, prefix, ids)
+    cache = BaseCache.lookup(bref, ids, cfg, cache_root)
+    if cache is None:
+        with open_logits_model(bref, **kw) as b:
             cache = base_pass(b, ids, cfg, cache_root=cache_root, progress=progress)
-            b.close()  # free the base before the quant pass
-            return quant_pass(q, ids, cache, cfg, progress)
+    with open_logits_model(qref, **kw) as q:
+        return quant_pass(q, ids, cache, cfg, progress)

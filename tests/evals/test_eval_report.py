@@ -110,3 +110,30 @@ def test_check_fails_on_zeroed_super_weights(broken_gguf, smollm2_quant, smollm2
     p.write_text(yaml.safe_dump(doc))
     assert main(["eval", "--check", str(p)]) == 0
     assert "REGRESSED" not in capsys.readouterr().out
+
+
+def test_lean_imports():
+    """Importing the eval library and CLI pulls in neither lm-eval, llama.cpp nor transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dq.evals.runner, dq.evals.thresholds, dq.cli.eval; "
+            "bad = [m for m in ('lm_eval', 'llama_cpp', 'transformers', 'datasets') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_cli_eval_then_compare(smollm2_quant, smollm2_dir, tmp_path, capsys):
+    """``dq eval QUANT --base BASE -o r.json`` writes a report that ``--compare`` lines up with another."""
+    q2 = tmp_path / "q2.json"
+    rc = main(["eval", str(smollm2_quant("Q2_K")), "--base", str(smollm2_dir), "--tasks", "kld,ppl",
+               "--chunks", "2", "-o", str(q2), "--label", "Q2_K"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "mean KLD" in table and "same top token" in table and "PPL ratio" in table
+    good = write_report(tmp_path / "good.json", _report(0.05, 0, "good"))
+    assert main(["eval", "--compare", str(good), str(q2), "--json"]) == 0
+    rows = {r["metric"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["kld_mean"]["better"] == "a" and rows["ppl_ratio"]["better"] == "a"
+    assert 0.2 < rows["kld_mean"]["b"] < 0.6
