@@ -198,12 +198,12 @@ def format_table(report: EvalReport) -> str:
         w = max(len(r[0]) for r in rows)
         lines += [f"  {a:<{w}}  {b}" for a, b in rows]
     if report.tasks:
-        lines.append(f"  {'task':<10} {'n':>5} {'base':>8} {'quant':>8} {'delta':>8} {'lost':>5} {'gained':>6}")
+        lines.append(f"  {'task':<13} {'n':>5} {'base':>8} {'quant':>8} {'delta':>8} {'lost':>5} {'gained':>6}")
         for t, c in report.tasks.items():
-            lines.append(f"  {t:<10} {c.n:>5} {100 * c.acc_base:>7.2f}% {100 * c.acc_quant:>7.2f}% "
+            lines.append(f"  {t:<13} {c.n:>5} {100 * c.acc_base:>7.2f}% {100 * c.acc_quant:>7.2f}% "
                          f"{100 * c.acc_delta:>+7.2f}% {c.lost:>5} {c.gained:>6}")
     for t, s in report.single.items():
-        lines.append(f"  {t:<10} n={s['n']} acc={100 * s['acc']:.2f}%")
+        lines.append(f"  {t:<13} n={s['n']} acc={100 * s['acc']:.2f}%")
     return "\n".join(lines)
 
 
