@@ -87,6 +87,8 @@ def calibrate_gains(
             kld = _kld(base_logp, model(ids).logits[0])
             p.data.copy_(original)
         gains[t.name] = max(kld, 0.0) / float(_err(t, probe))
+        if (i + 1) % 25 == 0 or i + 1 == len(targets):
+            log.info("calibrating damage gains: %d/%d tensors probed at %s", i + 1, len(targets), probe)
         if progress is not None:
             progress(i + 1, len(targets))
     # tensors not perturbed one by one: median gain of their layer (else of all)
