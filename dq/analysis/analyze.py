@@ -32,11 +32,24 @@ import torch
 from dq.analysis.artifact import Analysis, SuperWeight, TensorMeasurement
 from dq.analysis.collect import BlockCollector, TensorStats, expert_params
 from dq.analysis.loader import ModelSkeleton
-from dq.analysis.measure import DEFAULT_CANDIDATES, MatrixInput, measure_tensor, parse_candidates
+from dq.analysis.measure import (
+    DEFAULT_CANDIDATES,
+    MatrixInput,
+    measure_path,
+    measure_tensor,
+    parse_candidates,
+)
 from dq.analysis.names import NameMapper
 from dq.analysis.roles import TensorRole, classify, layer_index
 from dq.analysis.stream import embed, final_hidden, run_layer, tokenize_calibration
-from dq.analysis.superweights import Spike, ablate, select_candidates, spikes_of, super_activations, super_experts
+from dq.analysis.superweights import (
+    Spike,
+    ablate,
+    select_candidates,
+    spikes_of,
+    super_activations,
+    super_experts,
+)
 from dq.errors import AnalysisError
 from dq.quant.formats import QuantFormat
 from dq.quant.imatrix import Imatrix, ImatrixEntry, write_imatrix
@@ -178,7 +191,8 @@ def _measure_params(sk: ModelSkeleton, names: list[str], mapper: NameMapper, sta
             x = st.sample_matrix(0) if st is not None else None
             w = p.float().cpu().numpy()
             errors = measure_tensor([MatrixInput(w, imp, x)], w.shape, opt.candidates,
-                                    max_elements=opt.max_elements, seed=opt.seed, n_threads=opt.n_threads)
+                                    max_elements=opt.max_elements, seed=opt.seed, n_threads=opt.n_threads,
+                                    device=opt.device)
             if st is not None and st.counts.sum() > 0:
                 found.imatrix[gname] = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
             if st is not None and st.track_spikes:
@@ -209,7 +223,7 @@ def _measure_experts(sk: ModelSkeleton, path: str, names: tuple[str, str, str], 
         mats = [MatrixInput(ws[e], imp[e], st.sample_matrix(e)) for e in range(n_exp)]
         shape = (n_exp, *ws[0].shape)
         errors = measure_tensor(mats, shape, opt.candidates, max_elements=opt.max_elements, seed=opt.seed,
-                                n_threads=opt.n_threads)
+                                n_threads=opt.n_threads, device=opt.device)
         found.imatrix[gname] = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
         if kind == "down":
             found.spikes.extend(spikes_of(st, ws, layer_index(gname) or 0))
@@ -308,6 +322,7 @@ def analyze(
     model_dir = resolve_model(model)
     text = calibration_text(calib_file=opt.calib_file)
     sk = ModelSkeleton.open(model_dir, device=opt.device)
+    measure_path(opt.device)  # logs which quantizers measure the errors (CPU: libggml)
     out_dir = Path(out_dir)
     calib_sha = hashlib.sha256(text.encode()).hexdigest()
     state = {"model": _model_fingerprint(model_dir), "options": {**opt.fingerprint(), "calib_sha256": calib_sha}}

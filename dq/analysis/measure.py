@@ -12,12 +12,28 @@ when one exists, as ``dq quantize``/llama-quantize would store the tensor. ``sto
 block-size fallback of the requested type (``effective_format``); requested types that land on the
 same stored type are quantized once. GGML quantizes rows independently, so measuring a seeded subset
 of rows (``max_elements``) estimates the errors without bias; bytes are always exact for the full shape.
+
+Two paths (:func:`measure_path` picks one per run and logs it):
+
+- ``libggml`` (CPU, the default): every type through libggml, with the imatrix, as above.
+- ``kernels`` (``dq analyze --device cuda`` with Triton): stored types in
+  :data:`~dq.kernels.ref_quant.FAKE_QUANT_FORMATS` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K)
+  are measured on the GPU: ``weight_err``/``weighted_err`` by the fused :func:`dq.kernels.quant_error`
+  kernels and ``act_err`` by the torch reference's Q(W) and a float64 matmul, both on the device. These
+  are ggml's *reference* (no-imatrix) quantizers, bit-exact with libggml without an imatrix; with an
+  imatrix libggml's ``quantize_row_*_impl`` searches scales under the importance weights, so for Q4_0,
+  Q4_1, Q5_0, Q5_1 and Q2_K..Q6_K the GPU errors are those of the no-imatrix quantizer (higher,
+  mostly in ``weighted_err``; measured in ``bench/results/analyze_gpu_vs_cpu.md``). Q8_0, TQ1_0 and TQ2_0
+  ignore the imatrix in libggml too, so they agree to float rounding. IQ types, IQ4_NL, MXFP4 and
+  float types keep the libggml CPU path.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -26,7 +42,14 @@ from dq.errors import AnalysisError, UnknownFormatError
 from dq.quant import libggml
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, parse_format, tensor_nbytes
 
-__all__ = ["DEFAULT_CANDIDATES", "parse_candidates", "MatrixInput", "measure_tensor", "round_trip"]
+__all__ = [
+    "DEFAULT_CANDIDATES", "parse_candidates", "MatrixInput", "measure_tensor", "round_trip", "measure_path",
+    "kernel_formats", "MeasurePath",
+]
+
+log = logging.getLogger(__name__)
+
+MeasurePath = Literal["kernels", "libggml"]
 
 DEFAULT_CANDIDATES: tuple[QuantFormat, ...] = tuple(QuantFormat(n) for n in (
     "Q8_0", "Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "Q3_K", "IQ3_XXS", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0",
@@ -83,6 +106,52 @@ def round_trip(w: np.ndarray, fmt: QuantFormat, importance: np.ndarray | None, n
     return libggml.dequantize(blob, fmt, w.shape)
 
 
+def kernel_formats() -> tuple[QuantFormat, ...]:
+    """Stored types the GPU path measures with :func:`dq.kernels.quant_error` (the others use libggml)."""
+    from dq.kernels.ref_quant import FAKE_QUANT_FORMATS
+
+    return FAKE_QUANT_FORMATS
+
+
+def measure_path(device: str = "cpu", *, announce: bool = True) -> MeasurePath:
+    """The quantizers that measure errors for ``--device``: ``kernels`` on a CUDA device with Triton, else ``libggml``.
+
+    Args:
+        device: the analysis device (``cpu``, ``cuda``, ``cuda:N``).
+        announce: log the choice and its reason (one INFO line; ``dq analyze`` does this once per run).
+
+    Returns:
+        ``"kernels"`` or ``"libggml"``.
+
+    Example:
+        >>> measure_path("cpu", announce=False)
+        'libggml'
+    """
+    import torch
+
+    from dq.kernels.api import triton_available
+
+    dev = torch.device(device)
+    path: MeasurePath = "libggml"
+    if dev.type != "cuda":
+        reason = f"--device {device}"
+    elif not torch.cuda.is_available():
+        reason = "torch sees no CUDA device"
+    elif not triton_available():
+        reason = "Triton is not installed (pip install 'dq[triton]')"
+    else:
+        path, reason = "kernels", ""
+    if announce:
+        if path == "libggml":
+            log.info("measuring errors on the CPU path: libggml's quantizers for every type (%s)", reason)
+        else:
+            log.info(
+                "measuring errors on %s with the Triton kernels for %s (ggml's reference quantizer, no imatrix); "
+                "libggml on the CPU for the other types", device, ",".join(f.value for f in kernel_formats()),
+            )
+    return path
+
+
 def _row_subset(rows: int, cols: int, max_elements: int | None, rng: np.random.Generator) -> np.ndarray | None:
     if max_elements is None or rows * cols <= max_elements:
         return None
@@ -98,6 +167,8 @@ def measure_tensor(
     max_elements: int | None = None,
     seed: int = 0,
     n_threads: int | None = None,
+    device: str = "cpu",
+    kernels: bool | None = None,
 ) -> tuple[TypeError_, ...]:
     """Errors and exact bytes of one GGUF tensor for every candidate type.
 
@@ -109,6 +180,10 @@ def measure_tensor(
         max_elements: measure at most this many weights (a seeded subset of rows over all matrices).
         seed: row-subset seed.
         n_threads: libggml threads.
+        device: ``cuda`` measures the stored types the kernels cover on the GPU (see the module doc);
+            ``cpu`` uses libggml for every type.
+        kernels: force the kernel path on ``device`` (True; on a CPU device it runs the kernels' torch
+            reference, for tests) or the libggml path (False); None decides by :func:`measure_path`.
 
     Returns:
         One ``TypeError_`` per candidate, in order. ``act_err`` is None when no matrix has inputs;
@@ -126,31 +201,26 @@ def measure_tensor(
     prepared = []
     for m, rows in zip(mats, subsets):
         w = np.ascontiguousarray(m.weight if rows is None else m.weight[rows], dtype=np.float32)
-        y = None if m.x is None or len(m.x) == 0 else m.x.astype(np.float32) @ w.T
-        prepared.append((w, m.importance, None if y is None else m.x.astype(np.float32), y))
+        x = None if m.x is None or len(m.x) == 0 else m.x.astype(np.float32)
+        prepared.append((w, m.importance, x))
 
     has_im = any(p[1] is not None for p in prepared)
-    has_x = any(p[3] is not None for p in prepared)
+    has_x = any(p[2] is not None for p in prepared)
+    use_kernels = measure_path(device, announce=False) == "kernels" if kernels is None else kernels
+    on_device = _DeviceMats(prepared, device) if use_kernels else None
+    cpu_y: list[np.ndarray | None] | None = None
     by_stored: dict[QuantFormat, tuple[float, float | None, float | None]] = {}
     out = []
     for fmt in candidates:
         stored = effective_format(fmt, shape) if not FORMATS[fmt].is_float else fmt
         if stored not in by_stored:
-            wn = wd = imn = imd = an = ad = 0.0
-            for w, im, x, y in prepared:
-                q = round_trip(w, stored, im, n_threads)
-                d = q - w
-                d2 = d.astype(np.float64) ** 2
-                w2 = w.astype(np.float64) ** 2
-                wn += float(d2.sum())
-                wd += float(w2.sum())
-                if im is not None:
-                    imn += float(d2.sum(0) @ im)
-                    imd += float(w2.sum(0) @ im)
-                if y is not None:
-                    e = x @ d.T
-                    an += float((e.astype(np.float64) ** 2).sum())
-                    ad += float((y.astype(np.float64) ** 2).sum())
+            if on_device is not None and stored in kernel_formats():
+                sums = on_device.sums(stored)
+            else:
+                if cpu_y is None:
+                    cpu_y = [None if x is None else x @ w.T for w, _, x in prepared]
+                sums = _libggml_sums(prepared, cpu_y, stored, n_threads)
+            wn, wd, imn, imd, an, ad = sums
             by_stored[stored] = (
                 wn / wd if wd > 0 else 0.0,
                 (imn / imd if imd > 0 else 0.0) if has_im else None,
@@ -159,3 +229,70 @@ def measure_tensor(
         werr, wierr, aerr = by_stored[stored]
         out.append(TypeError_(fmt, stored, tensor_nbytes(stored, shape), werr, wierr, aerr))
     return tuple(out)
+
+
+_Sums = tuple[float, float, float, float, float, float]  # weight num/den, imatrix num/den, activation num/den
+
+
+def _libggml_sums(prepared: list, ys: list, stored: QuantFormat, n_threads: int | None) -> _Sums:
+    wn = wd = imn = imd = an = ad = 0.0
+    for (w, im, x), y in zip(prepared, ys):
+        q = round_trip(w, stored, im, n_threads)
+        d = q - w
+        d2 = d.astype(np.float64) ** 2
+        w2 = w.astype(np.float64) ** 2
+        wn += float(d2.sum())
+        wd += float(w2.sum())
+        if im is not None:
+            imn += float(d2.sum(0) @ im)
+            imd += float(w2.sum(0) @ im)
+        if y is not None:
+            e = x @ d.T
+            an += float((e.astype(np.float64) ** 2).sum())
+            ad += float((y.astype(np.float64) ** 2).sum())
+    return wn, wd, imn, imd, an, ad
+
+
+class _DeviceMats:
+    """One tensor's matrices on the kernel device, moved once and measured for every kernel type.
+
+    Weight and imatrix sums come from the fused :func:`dq.kernels.quant_error` (Triton on CUDA, the torch
+    reference elsewhere); the activation error needs Q(W) itself, which the fused kernel never writes, so
+    it is the torch reference's :func:`~dq.kernels.ref_quant.fake_quant` (bit-exact with the kernel's
+    quantizer) and a float64 matmul on the device.
+    """
+
+    def __init__(self, prepared: list, device: str) -> None:
+        import torch
+
+        self._torch = torch
+        self.mats = []
+        for w, im, x in prepared:
+            wt = torch.from_numpy(w).to(device)
+            imt = None if im is None else torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)).to(device)
+            xt = None if x is None else torch.from_numpy(x).to(device=device, dtype=torch.float64)
+            ysq = None if xt is None else float(((xt @ wt.T.to(torch.float64)) ** 2).sum())
+            self.mats.append((wt, imt, xt, ysq))
+
+    def sums(self, stored: QuantFormat) -> _Sums:
+        from dq.kernels.api import quant_error
+        from dq.kernels.ref_quant import fake_quant
+
+        torch = self._torch
+        acc = torch.zeros(5, dtype=torch.float64, device=self.mats[0][0].device) if self.mats else None
+        ad = 0.0
+        for wt, imt, xt, ysq in self.mats:
+            s = quant_error(wt, stored, imt)
+            parts = [s["sse"], s["sumsq"]] + ([s["wsse"], s["wsumsq"]] if imt is not None else [s["sse"][:0]] * 2)
+            row = [p.to(torch.float64).sum() for p in parts]
+            if xt is not None:
+                d = fake_quant(wt, stored).to(torch.float64) - wt.to(torch.float64)
+                row.append(((xt @ d.T) ** 2).sum())
+                ad += ysq
+            else:
+                row.append(torch.zeros((), dtype=torch.float64, device=wt.device))
+            acc += torch.stack(row)
+        if acc is None:
+            return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        wn, wd, imn, imd, an = acc.tolist()  # one device sync per tensor and type
+        return wn, wd, imn, imd, an, ad
