@@ -47,6 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_budget_args(p)
     p.add_argument("--dry-run", action="store_true", help="print every tensor's type and the exact file size; write nothing")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: all cores)")
+    p.add_argument("--format", choices=("gguf", "safetensors"), default="gguf",
+                   help="gguf (llama.cpp) or safetensors (bitsandbytes NF4, dynamic; output is a directory)")
+    from dq.cli.quantize_safetensors import add_safetensors_arguments
+
+    add_safetensors_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.set_defaults(func=run)
 
@@ -130,6 +135,10 @@ def _plan_assignment(args, model: Path, output: Path, src: Path):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "safetensors":
+        from dq.cli.quantize_safetensors import run_safetensors
+
+        return run_safetensors(args)
     preset = parse_preset(args.type)
     overrides = [parse_tensor_type(s) for s in args.tensor_type]
     model = resolve_model(args.model)

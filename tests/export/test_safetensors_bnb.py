@@ -229,27 +229,13 @@ def test_module_roles():
     assert module_role("lm_head") == "output"
 
 
-# --- dq quantize --format safetensors (run_safetensors; dq/cli/quantize.py wires it in) -------------
+# --- dq quantize --format safetensors (parsed by dq's own CLI parser) ----------------------------
 
 def _cli(argv):
-    import argparse
-    from pathlib import Path
+    """Parse with dq's real CLI parser, so the --format safetensors wiring of `dq quantize` is tested."""
+    from dq.cli import build_parser
 
-    from dq.cli.quantize_safetensors import add_safetensors_arguments
-
-    p = argparse.ArgumentParser()
-    # options dq/cli/quantize.py already has, shared with the GGUF path
-    p.add_argument("model", nargs="?")
-    p.add_argument("-o", "--output", type=Path)
-    p.add_argument("--plan")
-    p.add_argument("--analysis", type=Path)
-    p.add_argument("--target-size")
-    p.add_argument("--target-bpw", type=float)
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--format", choices=("gguf", "safetensors"), default="gguf")
-    add_safetensors_arguments(p)
-    return p.parse_args(argv)
+    return build_parser().parse_args(["quantize", *argv])
 
 
 def test_cli_target_size_dry_run_and_plan_reuse(tiny_llama_dir, tiny_quant, tmp_path, capsys):
