@@ -90,16 +90,18 @@ class ThresholdEntry:
     imatrix: Path | None = None
     quant: Path | None = None
     name: str | None = None
+    plan: Path | None = None
 
     def __post_init__(self) -> None:
-        if (self.preset is None) == (self.quant is None):
-            raise ThresholdsError(f"entry for {self.model!r} needs exactly one of 'preset' (e.g. Q4_K_M) or 'quant' (a .gguf)")
+        if sum(x is not None for x in (self.preset, self.quant, self.plan)) != 1:
+            raise ThresholdsError(f"entry for {self.model!r} needs exactly one of 'preset' (e.g. Q4_K_M), "
+                                  f"'plan' (a dq plan file) or 'quant' (a .gguf)")
         if not self.bounds:
             raise ThresholdsError(f"entry {self.label!r} has no bounds; add e.g. bounds: {{kld_mean: {{max: 0.05}}}}")
 
     @property
     def label(self) -> str:
-        return self.name or f"{self.model} {self.preset or Path(self.quant).name}"
+        return self.name or f"{self.model} {self.preset or Path(self.quant or self.plan).name}"
 
     def tasks(self) -> tuple[str, ...]:
         out = []
@@ -185,9 +187,6 @@ def load_thresholds(path: str | Path) -> Thresholds:
         _forbid_extra(e, _ENTRY_KEYS, where)
         if "model" not in e:
             raise ThresholdsError(f"{where}: 'model' is missing (a packaged model name or a HF directory)")
-        if e.get("plan") is not None:
-            raise ThresholdsError(f"{where}: 'plan' entries are not supported yet (dq plan has not landed); "
-                                  f"use 'preset' with 'tensor_type' overrides or 'quant: FILE.gguf'")
         bounds_doc = e.get("bounds") or {}
         if not isinstance(bounds_doc, dict):
             raise ThresholdsError(f"{where}: 'bounds' must map metric -> {{min: x}} / {{max: y}}")
@@ -218,7 +217,7 @@ def load_thresholds(path: str | Path) -> Thresholds:
             entries.append(ThresholdEntry(
                 model=model, bounds=tuple(bounds), preset=preset,
                 tensor_type=tuple(e.get("tensor_type") or ()), imatrix=rel(e.get("imatrix")),
-                quant=rel(e.get("quant")), name=e.get("name"),
+                quant=rel(e.get("quant")), name=e.get("name"), plan=rel(e.get("plan")),
             ))
         except ThresholdsError as exc:
             raise ThresholdsError(f"{where}: {exc}") from None
@@ -259,6 +258,36 @@ def build_quant(model: str | Path, preset: str, tensor_type: tuple[str, ...] = (
     return out
 
 
+def build_plan_quant(model: str | Path, plan_path: Path, imatrix: Path | None = None,
+                     *, cache_root: Path | None = None) -> Path:
+    """Quantize ``model`` with the per-tensor types of a ``dq plan`` file into the cache, once.
+
+    The imatrix is ``imatrix`` or, by default, the one beside the plan's analysis.
+    """
+    from dq.evals.backends import resolve_model_ref
+    from dq.export.gguf_quantize import quantize_gguf
+    from dq.export.source import source_gguf
+    from dq.quant.assign import assign_types, read_source_tensors
+    from dq.quant.imatrix import read_imatrix
+    from dq.quant.plan import QuantPlan
+
+    plan = QuantPlan.load(plan_path)
+    src = source_gguf(resolve_model_ref(model).path)
+    sources = read_source_tensors(src)
+    plan.check_model((t.name, t.shape) for t in sources)
+    if imatrix is None and plan.analysis and (Path(plan.analysis).parent / "imatrix.gguf").is_file():
+        imatrix = Path(plan.analysis).parent / "imatrix.gguf"
+    h = hashlib.sha256(Path(plan_path).read_bytes())
+    h.update(f"{src.resolve()}:{src.stat().st_size}:{src.stat().st_mtime_ns}:{imatrix}".encode())
+    out = (cache_root or cache_dir()) / "evals" / "quants" / f"{Path(src).parent.name}-plan-{h.hexdigest()[:12]}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantize_gguf(src, out, assign_types(sources, explicit=plan.explicit_types()),
+                  imatrix=read_imatrix(imatrix) if imatrix else None, imatrix_name=Path(imatrix).name if imatrix else None)
+    return out
+
+
 @dataclass
 class CheckResult:
     rows: list[CheckRow] = field(default_factory=list)
@@ -289,8 +318,12 @@ def run_check(thresholds: Thresholds | str | Path, *, cache_root: Path | None = 
     th = thresholds if isinstance(thresholds, Thresholds) else load_thresholds(thresholds)
     result = CheckResult()
     for e in th.entries:
-        quant = e.quant if e.quant is not None else build_quant(e.model, e.preset, e.tensor_type, e.imatrix,
-                                                                cache_root=cache_root)
+        if e.quant is not None:
+            quant = e.quant
+        elif e.plan is not None:
+            quant = build_plan_quant(e.model, e.plan, e.imatrix, cache_root=cache_root)
+        else:
+            quant = build_quant(e.model, e.preset, e.tensor_type, e.imatrix, cache_root=cache_root)
         if not Path(quant).exists():
             raise ModelNotFoundError(f"{e.label}: quant {str(quant)!r} does not exist; build it or fix 'quant:'")
         log.info("checking %s (%s)", e.label, quant)

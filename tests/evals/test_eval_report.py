@@ -64,7 +64,8 @@ def test_repo_thresholds_parse():
     ({"entries": [{"model": "m", "bounds": {"kld_mean": {"max": 1}}}]}, "exactly one of 'preset'"),
     ({"entries": [{"model": "m", "preset": "Q4_K_M", "bound": {}}]}, "unknown key"),
     ({"settings": {"chunk": 3}, "entries": []}, "unknown key"),
-    ({"entries": [{"model": "m", "plan": "p.json", "bounds": {"kld_mean": {"max": 1}}}]}, "not supported yet"),
+    ({"entries": [{"model": "m", "plan": "p.json", "preset": "Q4_K_M", "bounds": {"kld_mean": {"max": 1}}}]},
+     "exactly one of 'preset'"),
 ])
 def test_bad_thresholds(tmp_path, doc, match):
     p = tmp_path / "t.yaml"
