@@ -19,6 +19,7 @@ __all__ = [
     "BudgetError",
     "PlanError",
     "AnalysisError",
+    "reject_unknown_keys",
 ]
 
 
@@ -72,3 +73,17 @@ class PlanError(DQError, ValueError):
 
 class AnalysisError(DQError, ValueError):
     """Bad input to ``dq analyze`` (calibration text, candidate types, resume directory)."""
+
+
+def reject_unknown_keys(where: str, data, allowed, error: type[DQError] = CorruptFileError) -> None:
+    """Raise ``error`` naming every key of ``data`` outside ``allowed`` (closed configs and artifacts).
+
+    Example:
+        >>> reject_unknown_keys("plan", {"versoin": 1}, {"version"}, PlanError)
+        Traceback (most recent call last):
+        dq.errors.PlanError: plan: unknown keys ['versoin']; allowed: ['version']
+    """
+    allowed = set(allowed)
+    unknown = set(data) - allowed
+    if unknown:
+        raise error(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")

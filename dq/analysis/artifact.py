@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dq.analysis.roles import TensorRole
-from dq.errors import CorruptFileError
+from dq.errors import CorruptFileError, reject_unknown_keys
 from dq.quant.formats import QuantFormat, parse_format
 
 __all__ = ["ANALYSIS_VERSION", "TypeError_", "TensorMeasurement", "SuperWeight", "Analysis"]
@@ -29,10 +29,7 @@ ANALYSIS_VERSION = 1
 
 
 def _check_keys(cls: type, data: Mapping[str, Any]) -> None:
-    allowed = {f.name for f in fields(cls)}
-    unknown = set(data) - allowed
-    if unknown:
-        raise CorruptFileError(f"{cls.__name__}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+    reject_unknown_keys(cls.__name__, data, (f.name for f in fields(cls)))
 
 
 @dataclass(frozen=True)

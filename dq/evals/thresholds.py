@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dq.cache import cache_dir
-from dq.errors import DQError, ModelNotFoundError
+from dq.errors import DQError, ModelNotFoundError, reject_unknown_keys
 from dq.evals.errors import ThresholdsError
 from dq.evals.kld import KLDConfig, Progress
 from dq.evals.lmeval import LM_TASKS, LMEvalConfig, parse_subjects
@@ -136,9 +136,7 @@ class CheckRow:
 
 
 def _forbid_extra(d: dict, allowed: set[str], where: str) -> None:
-    extra = sorted(set(d) - allowed)
-    if extra:
-        raise ThresholdsError(f"{where}: unknown key(s) {extra}; allowed: {', '.join(sorted(allowed))}")
+    reject_unknown_keys(where, d, allowed, ThresholdsError)
 
 
 def load_thresholds(path: str | Path) -> Thresholds:

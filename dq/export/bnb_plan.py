@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from dq.errors import BudgetError, CorruptFileError, PlanError
+from dq.errors import BudgetError, CorruptFileError, PlanError, reject_unknown_keys
 
 __all__ = [
     "BNB_PLAN_VERSION",
@@ -153,9 +153,7 @@ class ModuleChoice:
 
 
 def _check_keys(cls: type, d: Mapping[str, Any]) -> None:
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise CorruptFileError(f"{cls.__name__}: unknown keys {sorted(unknown)}; written by a newer dq?")
+    reject_unknown_keys(f"{cls.__name__} (written by a newer dq?)", d, (f.name for f in fields(cls)))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dq.errors import CorruptFileError, PlanError
+from dq.errors import CorruptFileError, PlanError, reject_unknown_keys
 from dq.quant.formats import QuantFormat, parse_format
 
 __all__ = ["PLAN_VERSION", "PlanTensor", "QuantPlan", "tensor_fingerprint"]
@@ -34,9 +34,7 @@ def tensor_fingerprint(tensors: Iterable[tuple[str, Sequence[int]]]) -> str:
 
 
 def _reject_unknown(where: str, d: Mapping[str, Any], allowed: Iterable[str]) -> None:
-    unknown = set(d) - set(allowed)
-    if unknown:
-        raise PlanError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    reject_unknown_keys(where, d, allowed, PlanError)
 
 
 @dataclass(frozen=True)
