@@ -20,12 +20,13 @@ Two paths (:func:`measure_path` picks one per run and logs it):
   :data:`~dq.kernels.ref_quant.FAKE_QUANT_FORMATS` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K)
   are measured on the GPU: ``weight_err``/``weighted_err`` by the fused :func:`dq.kernels.quant_error`
   kernels and ``act_err`` by the torch reference's Q(W) and a float64 matmul, both on the device. These
-  are ggml's *reference* (no-imatrix) quantizers, bit-exact with libggml without an imatrix; with an
-  imatrix libggml's ``quantize_row_*_impl`` searches scales under the importance weights, so for Q4_0,
-  Q4_1, Q5_0, Q5_1 and Q2_K..Q6_K the GPU errors are those of the no-imatrix quantizer (higher,
-  mostly in ``weighted_err``; measured in ``bench/results/analyze_gpu_vs_cpu.md``). Q8_0, TQ1_0 and TQ2_0
-  ignore the imatrix in libggml too, so they agree to float rounding. IQ types, IQ4_NL, MXFP4 and
-  float types keep the libggml CPU path.
+  are ggml's *reference* (no-imatrix) quantizers, bit-exact with libggml without an imatrix. With an
+  imatrix libggml's ``quantize_row_*_impl`` searches scales under the importance weights, which the
+  kernels do not port yet (the no-imatrix kernel errors were 1.1-5.7x higher on weighted_err, see
+  ``bench/results/analyze_gpu_vs_cpu.md``), so when importance weights are present only Q8_0, TQ1_0
+  and TQ2_0 (which ignore the imatrix in libggml too) stay on the kernels and every other type uses
+  libggml: the GPU table equals the CPU table to float rounding. IQ types, IQ4_NL, MXFP4 and float
+  types always use libggml.
 """
 
 from __future__ import annotations
@@ -106,10 +107,22 @@ def round_trip(w: np.ndarray, fmt: QuantFormat, importance: np.ndarray | None, n
     return libggml.dequantize(blob, fmt, w.shape)
 
 
-def kernel_formats() -> tuple[QuantFormat, ...]:
-    """Stored types the GPU path measures with :func:`dq.kernels.quant_error` (the others use libggml)."""
+# ggml's quantizers for these types ignore the importance weights (quantize_q8_0, quantize_tq1_0 and
+# quantize_tq2_0 call the reference row quantizer), so the kernels are exact for them with an imatrix too.
+_IMATRIX_FREE = (QuantFormat.Q8_0, QuantFormat.TQ1_0, QuantFormat.TQ2_0)
+
+
+def kernel_formats(with_importance: bool = False) -> tuple[QuantFormat, ...]:
+    """Stored types the GPU path measures with :func:`dq.kernels.quant_error` (the others use libggml).
+
+    The kernels port ggml's *reference* quantizers; with an imatrix, libggml uses the imatrix-aware
+    ``quantize_row_*_impl`` searches instead, so then only the types whose quantizer ignores the imatrix
+    stay on the kernels. That keeps ``--device cuda`` measuring exactly what llama.cpp writes.
+    """
     from dq.kernels.ref_quant import FAKE_QUANT_FORMATS
 
+    if with_importance:
+        return tuple(f for f in FAKE_QUANT_FORMATS if f in _IMATRIX_FREE)
     return FAKE_QUANT_FORMATS
 
 
@@ -146,8 +159,9 @@ def measure_path(device: str = "cpu", *, announce: bool = True) -> MeasurePath:
             log.info("measuring errors on the CPU path: libggml's quantizers for every type (%s)", reason)
         else:
             log.info(
-                "measuring errors on %s with the Triton kernels for %s (ggml's reference quantizer, no imatrix); "
-                "libggml on the CPU for the other types", device, ",".join(f.value for f in kernel_formats()),
+                "measuring errors on %s with the Triton kernels for %s (for the types whose quantizer an imatrix "
+                "changes, only when there is none); libggml on the CPU for the other types", device,
+                ",".join(f.value for f in kernel_formats()),
             )
     return path
 
@@ -214,7 +228,7 @@ def measure_tensor(
     for fmt in candidates:
         stored = effective_format(fmt, shape) if not FORMATS[fmt].is_float else fmt
         if stored not in by_stored:
-            if on_device is not None and stored in kernel_formats():
+            if on_device is not None and stored in kernel_formats(with_importance=has_im):
                 sums = on_device.sums(stored)
             else:
                 if cpu_y is None:
