@@ -12,8 +12,9 @@ Flow (each step's output is checkpointed under ``OUT/blocks/``):
 5. write ``analysis.json``, ``imatrix.gguf``, CSV tables and plots (:mod:`dq.analysis.report`).
 
 Peak memory is one block's float32 weights + calibration hidden states (2 x tokens x d x 4 bytes) +
-activation samples, plus a constant: the Python/torch runtime and, during steps 1 and 3, the
-float32 embedding / LM-head matrix.
+activation samples, plus a constant: the Python/torch runtime and bounded chunks. The embedding and
+LM head are only ever read in row chunks (32 MiB float32), their logits in 16 MiB chunks; checkpoint
+tensors are read with ``pread`` and never memory-mapped (see :mod:`dq.analysis.loader`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from dq.analysis.artifact import Analysis, SuperWeight, TensorMeasurement
 from dq.analysis.collect import BlockCollector, TensorStats, expert_params
-from dq.analysis.loader import ModelSkeleton
+from dq.analysis.loader import ModelSkeleton, limit_heap_growth
 from dq.analysis.measure import (
     DEFAULT_CANDIDATES,
     MatrixInput,
@@ -319,6 +320,8 @@ def analyze(
 
     opt = options or AnalyzeOptions()
     t_start = time.time()
+    if limit_heap_growth():  # freed block weights go back to the OS (see its docstring)
+        log.debug("glibc mmap threshold fixed at 1 MiB")
     model_dir = resolve_model(model)
     text = calibration_text(calib_file=opt.calib_file)
     sk = ModelSkeleton.open(model_dir, device=opt.device)
@@ -436,31 +439,79 @@ def _merge(into: _Found, f: _Found) -> None:
 
 def _measure_head(sk: ModelSkeleton, mapper: NameMapper, hidden: torch.Tensor, sampled: np.ndarray,
                   opt: AnalyzeOptions, found: _Found) -> None:
-    """Final norm, LM head (its input statistics come from the normed hidden states) and embeddings."""
+    """Final norm, LM head (its input statistics come from the normed hidden states) and embeddings.
+
+    The embedding and LM head are read in row chunks (:func:`_measure_rows`), never whole in float32.
+    """
     normed = final_hidden(sk, hidden)
     head = sk.output_head_path()
     emb = sk.model.get_input_embeddings()
     emb_path = next(n for n, m in sk.model.named_modules() if m is emb)
-    names = sk.load(sk.text_model_path, exclude=(sk.layers_path,))
-    rename: dict[str, str] = {}
+    emb_w = f"{emb_path}.weight"
+    chunked = [emb_w] if emb_w.startswith(sk.text_model_path + ".") else []
     stats: dict[str, TensorStats] = {}
+    if head is not None:
+        head_w = f"{head}.weight"
+        tied = head_w not in sk._targets and sk.tied_output()
+        out_f, in_f = (int(d) for d in sk.module_param(head_w).shape)
+        gname = mapper.gguf_name(emb_w) if tied else mapper.gguf_name(head_w)
+        st = TensorStats(gname, emb_w if tied else head_w, 1, in_f, out_f)
+        flat = normed.reshape(-1, normed.shape[-1])
+        st.add(0, flat, np.arange(flat.shape[0]), sampled)
+        stats[gname] = st
+        if not tied:
+            chunked.append(head_w)
+    del normed
+    names = sk.load(sk.text_model_path, exclude=(sk.layers_path, emb_path))
     try:
-        if head is not None:
-            head_w = f"{head}.weight"
-            tied = head_w not in sk._targets and sk.tied_output()
-            w = sk.tensor(head_w)
-            gname = mapper.gguf_name(f"{emb_path}.weight") if tied else mapper.gguf_name(head_w)
-            st = TensorStats(gname, f"{emb_path}.weight" if tied else head_w, 1, w.shape[1], w.shape[0])
-            flat = normed.reshape(-1, normed.shape[-1])
-            st.add(0, flat, np.arange(flat.shape[0]), sampled)
-            stats[gname] = st
-            if not tied:
-                names = names + [head_w]
-        _measure_params(sk, names, mapper, stats, {}, opt, found, rename)
+        _measure_params(sk, names, mapper, stats, {}, opt, found)
     finally:
         sk.free(sk.text_model_path)
-        if head is not None:
-            sk.free(head)
+    for n in chunked:
+        _measure_rows(sk, n, mapper, stats, opt, found)
+
+
+_ROW_CHUNK_BYTES = 32 << 20
+
+
+def _measure_rows(sk: ModelSkeleton, name: str, mapper: NameMapper, stats: dict[str, TensorStats],
+                  opt: AnalyzeOptions, found: _Found) -> None:
+    """Measure a whole-vocabulary matrix from float32 row chunks of ``_ROW_CHUNK_BYTES``.
+
+    Keeps only the seeded row subset that :func:`measure_tensor` would draw from the full matrix (its
+    own ``_row_subset`` with the same seed), so the errors are those of the full-matrix call; max |w|
+    is taken over every chunk.
+    """
+    from dq.analysis.measure import _row_subset
+
+    gname = mapper.gguf_name(name)
+    st = next((s for s in stats.values() if s.param == name and s.expert is None), None)
+    shape = tuple(sk.module_param(name).shape)
+    rows, cols = (int(d) for d in shape)
+    subset = _row_subset(rows, cols, opt.max_elements, np.random.default_rng(opt.seed))
+    keep: list[np.ndarray] = []
+    max_abs = 0.0
+    for r0, w in sk.iter_rows(name, max(1, _ROW_CHUNK_BYTES // (4 * cols))):
+        w = w.cpu()
+        if w.numel():
+            max_abs = max(max_abs, float(w.abs().max()))
+        if subset is None:
+            keep.append(w.numpy())
+        else:
+            sel = subset[(subset >= r0) & (subset < r0 + w.shape[0])] - r0
+            if len(sel):
+                keep.append(w.numpy()[sel])
+        del w
+    wsub = np.concatenate(keep)
+    errors = measure_tensor([MatrixInput(wsub, _importance(st), st.sample_matrix(0) if st is not None else None)],
+                            (rows, cols), opt.candidates, max_elements=opt.max_elements, seed=opt.seed,
+                            n_threads=opt.n_threads, device=opt.device)
+    if st is not None and st.counts.sum() > 0:
+        found.imatrix[gname] = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
+    found.tensors.append(TensorMeasurement(
+        name=gname, hf_name=name, role=classify(gname), layer=layer_index(gname), shape=shape,
+        errors=errors, max_abs=max_abs,
+    ))
 
 
 def _measure_vision(sk: ModelSkeleton, mapper: NameMapper, opt: AnalyzeOptions, found: _Found) -> None:

@@ -7,6 +7,11 @@ conversion rules (renamings and fused-expert merges, ``transformers.conversion_m
 once; :meth:`ModelSkeleton.load` then materialises just the parameters under one module prefix, and
 :meth:`ModelSkeleton.free` sends them back to ``meta``. Peak memory is one module's weights.
 
+Checkpoint tensors are read with ``pread`` (:class:`_SafetensorsFile`), not through a memory map: pages
+of a mapped file stay in the process's resident set until it is unmapped, so a long-lived ``safe_open``
+handle grows RSS to the whole checkpoint. Whole-vocabulary matrices (embedding, LM head) can be read in
+row chunks (:meth:`ModelSkeleton.iter_rows`) so they never have to be resident in float32 at once.
+
 Example:
     >>> sk = ModelSkeleton.open(model_dir)                 # doctest: +SKIP
     >>> sk.load(sk.layer_prefix(0)); ...; sk.free(sk.layer_prefix(0))  # doctest: +SKIP
@@ -14,9 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import re
+import struct
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +36,66 @@ from torch import nn
 
 from dq.errors import AnalysisError, ModelNotFoundError, NotAModelError, UnsupportedArchitectureError
 
-__all__ = ["ModelSkeleton", "load_config"]
+__all__ = ["ModelSkeleton", "load_config", "limit_heap_growth"]
+
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, `Dtype`)
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _SafetensorsFile:
+    """One safetensors file read with ``pread``: nothing is memory-mapped, nothing stays resident.
+
+    The format is an 8-byte little-endian header length, a JSON header (``dtype``, ``shape``,
+    ``data_offsets`` per tensor, relative to the end of the header), then the data.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        self.header: dict[str, dict] = header
+        self.data_start = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def read(self, key: str, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+        """Tensor ``key`` (rows ``r0:r1`` of its first dimension if given) in its stored dtype, a fresh copy."""
+        info = self.header[key]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise AnalysisError(f"{self.path}: tensor {key} has dtype {info['dtype']}, which dq cannot read")
+        shape = list(info["shape"])
+        begin, end = info["data_offsets"]
+        if shape and (r0 is not None or r1 is not None):
+            rows = shape[0]
+            r0, r1 = max(0, r0 or 0), min(rows, rows if r1 is None else r1)
+            stride = (end - begin) // rows if rows else 0
+            begin, end = begin + r0 * stride, begin + max(r0, r1) * stride
+            shape[0] = max(0, r1 - r0)
+        buf = bytearray(end - begin)
+        if buf:
+            with open(self.path, "rb", buffering=0) as fh:
+                view, pos = memoryview(buf), 0
+                while pos < len(buf):  # preadv may return short reads on very large tensors
+                    got = os.preadv(fh.fileno(), [view[pos:]], self.data_start + begin + pos)
+                    if got <= 0:
+                        raise AnalysisError(f"{self.path} is truncated: tensor {key} ends past the end of the file")
+                    pos += got
+            t = torch.frombuffer(buf, dtype=dtype)
+        else:
+            t = torch.empty(0, dtype=dtype)
+        return t.reshape(shape)
+
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +168,24 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def limit_heap_growth(threshold: int = 1 << 20) -> bool:
+    """Have glibc serve allocations of ``threshold`` bytes and more with ``mmap``, so freeing returns them.
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which
+    block-sized tensors come from the heap and freed ones stay resident as fragments: streaming
+    SmolLM2's 30 blocks twice grew RSS by ~330 MiB, and by ~30 MiB with a fixed 1 MiB threshold.
+    Process-wide (``mallopt(M_MMAP_THRESHOLD)``; also settable as ``MALLOC_MMAP_THRESHOLD_``); a no-op
+    returning False where libc is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3 = M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass
 class ModelSkeleton:
     """A meta-device model plus a map from its parameters to checkpoint tensors.
@@ -120,14 +206,12 @@ class ModelSkeleton:
     text_model_path: str
     _targets: dict[str, list[str]] = field(default_factory=dict)  # param prefix -> checkpoint keys
     _key_file: dict[str, Path] = field(default_factory=dict)
-    _handles: dict[Path, Any] = field(default_factory=dict)
+    _handles: dict[Path, _SafetensorsFile] = field(default_factory=dict)
     device: str = "cpu"
 
     @classmethod
     def open(cls, model_dir: str | Path, device: str = "cpu") -> ModelSkeleton:
         """Build the skeleton of the model in ``model_dir`` (nothing but buffers is loaded)."""
-        from safetensors import safe_open
-
         model_dir = Path(model_dir)
         config = load_config(model_dir)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -137,7 +221,7 @@ class ModelSkeleton:
         layers_path, _ = _find_decoder_layers(model, n_layers)
         sk = cls(model_dir, config, text_config, model, layers_path, layers_path.rsplit(".", 1)[0], device=device)
         for f in _checkpoint_files(model_dir):
-            h = safe_open(str(f), framework="pt")
+            h = _SafetensorsFile(f)
             sk._handles[f] = h
             for k in h.keys():
                 sk._key_file[k] = f
@@ -240,13 +324,14 @@ class ModelSkeleton:
                 missing.append(n)
                 continue
             for k in keys:
-                sd[k] = self._handles[self._key_file[k]].get_slice(k)
+                sd[k] = self._handles[self._key_file[k]].read(k)
         if sd:
             cfg = LoadStateDictConfig(
                 pretrained_model_name_or_path=str(self.model_dir), weight_mapping=self._weight_mapping,
                 dtype=torch.float32, device_map={"": self.device},
             )
             convert_and_load_state_dict_in_model(self.model, sd, cfg)
+            sd.clear()  # the checkpoint-dtype copies; the model now holds float32 ones
         if missing:
             tied = self._tie(missing)
             missing = [m for m in missing if m not in tied]
@@ -301,6 +386,54 @@ class ModelSkeleton:
             self.load(name.rpartition(".")[0])
             p = self.module_param(name)
         return p.detach()
+
+    def row_source(self, name: str) -> tuple[_SafetensorsFile, str] | None:
+        """The checkpoint tensor that parameter ``name`` is a plain (renamed) copy of, or None.
+
+        A tied LM head that the checkpoint lacks is the input embedding's tensor. None when the parameter
+        is built by a transformers converter (merged experts, split qkv): load it instead.
+        """
+        keys = self._targets.get(name)
+        if not keys:
+            head = self.output_head_path()
+            if head is None or name != f"{head}.weight" or not self.tied_output():
+                return None
+            emb = self.model.get_input_embeddings()
+            emb_name = next(k for k, m in self.model.named_modules() if m is emb)
+            keys = self._targets.get(f"{emb_name}.weight")
+            if not keys:
+                return None
+        if len(keys) != 1:
+            return None
+        f = self._handles[self._key_file[keys[0]]]
+        if f.shape(keys[0]) != tuple(self.module_param(name).shape):
+            return None
+        return f, keys[0]
+
+    def iter_rows(self, name: str, chunk: int):
+        """Yield ``(r0, rows)``: float32 row chunks ``[<=chunk, ...]`` of parameter ``name``.
+
+        Reads the checkpoint chunk by chunk when the parameter is a plain copy of one tensor (the
+        embedding, the LM head), so at most ``chunk`` rows are in memory; otherwise loads the parameter's
+        module, slices it, and frees it at the end if it was not loaded before.
+        """
+        src = self.row_source(name)
+        rows = int(self.module_param(name).shape[0])
+        if src is not None:
+            f, key = src
+            for r0 in range(0, rows, chunk):
+                yield r0, f.read(key, r0, r0 + chunk).to(torch.float32)
+            return
+        was_meta = self.module_param(name).is_meta
+        mod_path = name.rpartition(".")[0]
+        w = self.tensor(name)
+        try:
+            for r0 in range(0, rows, chunk):
+                yield r0, w[r0 : r0 + chunk].float()
+        finally:
+            del w
+            if was_meta:
+                self.free(mod_path)
 
     def close(self) -> None:
         self._handles.clear()

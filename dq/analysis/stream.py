@@ -6,6 +6,10 @@ masks and rotary embeddings, per layer, so Gemma-3's sliding/full layers each ge
 its input. Each real layer is then run on its own, on all calibration sequences, with those arguments:
 only one layer's weights are ever in memory. Sequences all have the same length and no padding, so one
 sequence's arguments serve every sequence.
+
+Whole-vocabulary matrices are never resident in float32: :func:`embed` gives the embedding module only
+the rows of the tokens it will see (read in row chunks), and the LM head is applied in vocabulary chunks
+(:func:`head_scores`).
 """
 
 from __future__ import annotations
@@ -53,8 +57,26 @@ class LayerArgs:
     kwargs: list[dict[str, Any]]
 
 
-def embed(sk: ModelSkeleton, input_ids: torch.Tensor, keep_loaded: bool = False) -> tuple[torch.Tensor, LayerArgs]:
+def _used_rows(sk: ModelSkeleton, name: str, ids: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+    """float32 rows ``ids`` (sorted, unique) of parameter ``name``, read in row chunks."""
+    shape = sk.module_param(name).shape
+    chunk = max(1, chunk_bytes // (4 * max(1, int(np.prod(shape[1:])))))
+    parts = []
+    for r0, rows in sk.iter_rows(name, chunk):
+        sel = ids[(ids >= r0) & (ids < r0 + rows.shape[0])] - r0
+        if sel.numel():
+            parts.append(rows[sel].clone())
+        del rows
+    return torch.cat(parts)
+
+
+def embed(sk: ModelSkeleton, input_ids: torch.Tensor) -> tuple[torch.Tensor, LayerArgs]:
     """Embed ``input_ids [n_seq, seq_len]`` and capture every layer's call arguments.
+
+    The embedding module gets a float32 weight holding only the rows of the tokens in ``input_ids`` and
+    sees their indices into it (the rows are the checkpoint's, so the hidden states are unchanged); its
+    own forward (e.g. Gemma's scaling) still runs. The text model's other parameters outside the layers
+    (norms) are loaded and freed.
 
     Returns:
         float32 hidden states ``[n_seq, seq_len, d]`` entering layer 0, and the per-layer arguments.
@@ -62,16 +84,25 @@ def embed(sk: ModelSkeleton, input_ids: torch.Tensor, keep_loaded: bool = False)
     layers: nn.ModuleList = sk.module(sk.layers_path)
     originals = list(layers)
     sink: list = []
-    sk.load(sk.text_model_path, exclude=(sk.layers_path,))
+    emb = sk.model.get_input_embeddings()
+    emb_path = next(n for n, m in sk.model.named_modules() if m is emb)
+    meta_weight = emb.weight
+    uniq = torch.unique(input_ids)
+    local_ids = torch.searchsorted(uniq, input_ids)
+    padding_idx = getattr(emb, "padding_idx", None)
     hidden = []
     layer_args: LayerArgs | None = None
     try:
+        sk.load(sk.text_model_path, exclude=(sk.layers_path, emb_path))
+        emb.weight = nn.Parameter(_used_rows(sk, f"{emb_path}.weight", uniq).to(sk.device), requires_grad=False)
+        if padding_idx is not None:  # only masks gradients, and the index may not exist in the small table
+            emb.padding_idx = None
         for i in range(len(originals)):
             layers[i] = _Capture(originals[i], sink)
         with torch.no_grad():
             for s in range(input_ids.shape[0]):
                 sink.clear()
-                sk.text_model(input_ids=input_ids[s : s + 1].to(sk.device), use_cache=False)
+                sk.text_model(input_ids=local_ids[s : s + 1].to(sk.device), use_cache=False)
                 if len(sink) != len(originals):
                     raise RuntimeError(f"the decoder loop called {len(sink)} of {len(originals)} layers")
                 hidden.append(sink[0][0].float().cpu())
@@ -80,8 +111,10 @@ def embed(sk: ModelSkeleton, input_ids: torch.Tensor, keep_loaded: bool = False)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-        if not keep_loaded:
-            sk.free(sk.text_model_path)
+        emb.weight = meta_weight
+        if padding_idx is not None:
+            emb.padding_idx = padding_idx
+        sk.free(sk.text_model_path)
     assert layer_args is not None
     return torch.cat(hidden), layer_args
 

@@ -7,6 +7,9 @@ dominant term of ``y[row]``. Detection is per down_proj (and per expert's down);
 confirmed by ablation: zero it and measure perplexity and KL divergence against the unmodified model on
 held-out text, streamed block by block like the calibration (only layers from the ablated one on are
 re-run).
+
+The LM head is applied in vocabulary chunks read from the checkpoint, with an online log-sum-exp (as in
+flash attention), so neither the head in float32 nor a ``[tokens, vocab]`` matrix is ever resident.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from dq.analysis.artifact import SuperWeight
 from dq.analysis.collect import TensorStats
 from dq.analysis.loader import ModelSkeleton
-from dq.analysis.stream import LayerArgs, embed, final_hidden, head_logprobs, run_layer
+from dq.analysis.stream import LayerArgs, _softcap, embed, final_hidden, run_layer
 
 __all__ = ["Spike", "spikes_of", "select_candidates", "ablate", "super_activations", "super_experts"]
 
@@ -153,27 +156,74 @@ def _run(sk: ModelSkeleton, i: int, h: torch.Tensor, args: LayerArgs, ablate: Sp
         sk.free(prefix)
 
 
+# [tokens x vocab-chunk] float32 logits of one variant stay under this many bytes.
+_LOGIT_CHUNK_BYTES = 16 << 20
+_TOKEN_CHUNK = 1024
+
+
 def _score(sk: ModelSkeleton, normed: dict, input_ids: torch.Tensor, n: int) -> tuple[dict, dict]:
+    """Mean NLL of every variant in ``normed`` (None = unmodified) and KLD of each ablation vs None.
+
+    NLL = LSE(z) - z[target]; KL(p_b || p_k) = sum_v p_b (z_b - z_k) - LSE(z_b) + LSE(z_k), each sum
+    accumulated over vocabulary chunks with a running maximum (rescaled when it moves).
+    """
     head = sk.output_head_path()
-    sk.load(head)
+    head_mod = sk.module(head)
+    has_bias = getattr(head_mod, "bias", None) is not None
+    cap = _softcap(sk)
     targets = torch.cat([input_ids[:, 1:], torch.full((input_ids.shape[0], 1), -1)], 1).reshape(-1)
     valid = targets >= 0
-    nll = {k: 0.0 for k in normed}
+    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in normed.items()}
+    keys = [None] + [k for k in flat if k is not None]
+    nll = {k: 0.0 for k in keys}
     kld = {k: 0.0 for k in range(n)}
-    try:
-        gens = {k: head_logprobs(sk, v) for k, v in normed.items()}
-        for chunks in zip(*gens.values()):
-            by_key = dict(zip(gens.keys(), chunks))
-            sl, base = by_key[None]
-            t, m = targets[sl], valid[sl]
-            for k, (_, lp) in by_key.items():
-                nll[k] += float(-lp[m].gather(1, t[m, None]).sum())
-                if k is not None:
-                    kld[k] += float((base.exp() * (base - lp)).sum(-1).sum())
-    finally:
-        sk.free(head)
-    n_tok = int(valid.sum())
     n_all = int(targets.numel())
+    for t0 in range(0, n_all, _TOKEN_CHUNK):
+        t1 = min(n_all, t0 + _TOKEN_CHUNK)
+        tc = t1 - t0
+        tg = targets[t0:t1]
+        x = {k: flat[k][t0:t1].to(sk.device) for k in keys}
+        m = {k: torch.full((tc,), -math.inf, dtype=torch.float64) for k in keys}
+        ssum = {k: torch.zeros(tc, dtype=torch.float64) for k in keys}
+        tgt = {k: torch.zeros(tc, dtype=torch.float64) for k in keys}
+        cross = {k: torch.zeros(tc, dtype=torch.float64) for k in keys if k is not None}
+        vchunk = max(1, _LOGIT_CHUNK_BYTES // (4 * tc))
+        rows = sk.iter_rows(f"{head}.weight", vchunk)
+        biases = sk.iter_rows(f"{head}.bias", vchunk) if has_bias else None
+        with torch.no_grad():
+            for r0, w in rows:
+                w = w.to(sk.device)
+                b = next(biases)[1].to(sk.device) if biases is not None else None
+                r1 = r0 + w.shape[0]
+                hit = ((tg >= r0) & (tg < r1)).nonzero().flatten()
+                zb = None
+                eb = None
+                for k in keys:
+                    z = x[k] @ w.T
+                    if b is not None:
+                        z = z + b
+                    if cap:
+                        z = torch.tanh(z / cap) * cap
+                    m_new = torch.maximum(m[k], z.amax(1).double().cpu())
+                    e = torch.exp(z - m_new.to(z.device, torch.float32)[:, None])
+                    scale = torch.exp(m[k] - m_new)
+                    ssum[k] = ssum[k] * scale + e.sum(1).double().cpu()
+                    m[k] = m_new
+                    if hit.numel():
+                        tgt[k][hit] = z[hit.to(z.device), (tg[hit] - r0).to(z.device)].double().cpu()
+                    if k is None:
+                        zb, eb, scale_b = z, e, scale
+                    else:
+                        cross[k] = cross[k] * scale_b + (eb * (zb - z)).sum(1).double().cpu()
+                    del z, e
+                del zb, eb, w
+        lse = {k: m[k] + torch.log(ssum[k]) for k in keys}
+        v = valid[t0:t1]
+        for k in keys:
+            nll[k] += float((lse[k] - tgt[k])[v].sum())
+            if k is not None:
+                kld[k] += float((cross[k] / ssum[None] - lse[None] + lse[k]).sum())
+    n_tok = int(valid.sum())
     return {k: v / n_tok for k, v in nll.items()}, {k: v / n_all for k, v in kld.items()}
 
 
