@@ -97,7 +97,11 @@ def main() -> None:
                                             n_experts=8, top_k=2, layers=args.layers),
         }
         for name, model in models.items():
-            rows += run(name, model, work / f"analysis-{name}", work, args.ctx, args.chunks)
+            try:
+                rows += run(name, model, work / f"analysis-{name}", work, args.ctx, args.chunks)
+            except Exception as exc:  # report the model that failed, keep the others
+                logging.exception("%s failed", name)
+                rows.append({"model": name, "file": "-", "error": f"{type(exc).__name__}: {exc}"})
     print(f"{'model':<18} {'file':<16} {'bytes':>12} {'bpw':>6} {'routed bpw':>10} {'other bpw':>9} {'mean KLD':>9} {'same top':>9}")
     for r in rows:
         if "error" in r:

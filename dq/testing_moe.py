@@ -70,7 +70,9 @@ def upcycle_moe(
         vocab_size=dense.vocab_size, hidden_size=dense.hidden_size, num_hidden_layers=n_layers,
         num_attention_heads=dense.num_attention_heads, num_key_value_heads=dense.num_key_value_heads,
         max_position_embeddings=dense.max_position_embeddings, rms_norm_eps=dense.rms_norm_eps,
-        rope_parameters=getattr(dense, "rope_parameters", None), tie_word_embeddings=dense.tie_word_embeddings,
+        rope_parameters=getattr(dense, "rope_parameters", None),
+        # llama.cpp's qwen2moe graph needs its own output.weight: untie (the head copies the embedding)
+        tie_word_embeddings=dense.tie_word_embeddings and kind == "mixtral",
         bos_token_id=dense.bos_token_id, eos_token_id=dense.eos_token_id, hidden_act=dense.hidden_act,
         num_experts_per_tok=top_k,
     )
@@ -92,6 +94,8 @@ def upcycle_moe(
     for k in own:
         if k in sd:
             new[k] = sd[k]
+        elif k == "lm_head.weight" and "model.embed_tokens.weight" in sd:
+            new[k] = sd["model.embed_tokens.weight"].clone()  # a tied dense model, untied here
         elif k.endswith("_proj.bias"):
             new[k] = torch.zeros_like(own[k])  # Qwen2's q/k/v biases: the dense model has none
     for i in range(n_layers):
