@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# CI has no GPU: Triton kernels run in its interpreter. Triton reads this when a kernel module is first
+# imported, and any test may import one first, so it is set here, before every test module.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +56,13 @@ def tiny_analysis_dir(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-analysis")
     analyze(tiny_llama_dir, out, AnalyzeOptions(n_tokens=1024, seq_len=256, ablation_tokens=256, plots=False))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _autograd_left_on():
+    """Fail the test that leaves autograd disabled (e.g. a generator suspended inside ``torch.no_grad``),
+    instead of a later training test that needs it."""
+    yield
+    import torch
+
+    assert torch.is_grad_enabled(), "this test left torch autograd disabled"

@@ -182,12 +182,15 @@ def head_logprobs(sk: ModelSkeleton, normed: torch.Tensor, chunk: int = 256):
     head = sk.model.get_output_embeddings()
     cap = _softcap(sk)
     flat = normed.reshape(-1, normed.shape[-1])
-    with torch.no_grad():
-        for t0 in range(0, flat.shape[0], chunk):
+    for t0 in range(0, flat.shape[0], chunk):
+        # no_grad per chunk, never across a yield: a generator suspended inside the context would leave
+        # autograd off in the caller (and for good, if the caller stops early)
+        with torch.no_grad():
             logits = head(flat[t0 : t0 + chunk].to(sk.device)).float()
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            yield slice(t0, t0 + logits.shape[0]), torch.log_softmax(logits, -1).cpu()
+            logp = torch.log_softmax(logits, -1).cpu()
+        yield slice(t0, t0 + logp.shape[0]), logp
 
 
 def tokenize_calibration(
