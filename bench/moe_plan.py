@@ -24,11 +24,15 @@ import numpy as np
 
 
 def _bits(plan_types: dict, shapes: dict) -> tuple[float, float]:
-    from dq.quant.formats import tensor_nbytes
+    from dq.quant.formats import FORMATS, effective_format, tensor_nbytes
+
+    def stored(k):  # plans name the requested type; llama.cpp stores the block-size fallback
+        f = plan_types[k]
+        return f if FORMATS[f].is_float else effective_format(f, shapes[k])
 
     def avg(pred):
         n = sum(int(np.prod(shapes[k])) for k in plan_types if pred(k))
-        b = sum(tensor_nbytes(plan_types[k], shapes[k]) for k in plan_types if pred(k))
+        b = sum(tensor_nbytes(stored(k), shapes[k]) for k in plan_types if pred(k))
         return 8 * b / n if n else float("nan")
 
     quantizable = {k for k in plan_types if len(shapes[k]) >= 2}
