@@ -13,6 +13,7 @@ Per tensor and candidate type the analysis holds:
 
 from __future__ import annotations
 
+import math
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -68,10 +69,7 @@ class TensorMeasurement:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def error_for(self, fmt: QuantFormat) -> TypeError_ | None:
         return next((e for e in self.errors if e.requested is fmt), None)

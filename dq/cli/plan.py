@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import sys
 from collections import Counter
@@ -56,7 +57,7 @@ def build_plan(analysis_path: Path, args: argparse.Namespace):
     from dq.quant.assign import read_source_tensors
 
     inputs = load_plan_inputs(analysis_path)
-    n = sum(int(__import__("math").prod(s.shape)) for s in read_source_tensors(inputs.source_gguf))
+    n = sum(math.prod(s.shape) for s in read_source_tensors(inputs.source_gguf))
     budget = budget_bytes(args.target_size, args.target_bpw, n)
     plan = make_plan(inputs, budget, policy=load_policy(args.policy), calibrate=not args.no_calibrate,
                      refine=args.refine)

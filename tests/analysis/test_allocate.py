@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -68,7 +69,7 @@ MOE = [("token_embd.weight", (1024, 256)), ("output.weight", (1024, 256)), ("out
 
 
 def _n(sources):
-    return sum(int(__import__("math").prod(s.shape)) for s in sources)
+    return sum(math.prod(s.shape) for s in sources)
 
 
 def test_moe_policy_at_1_8_bpw():
