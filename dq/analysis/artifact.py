@@ -13,8 +13,8 @@ Per tensor and candidate type the analysis holds:
 
 from __future__ import annotations
 
-import math
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

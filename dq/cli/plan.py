@@ -9,8 +9,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path

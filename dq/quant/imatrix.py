@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dq.errors import CorruptFileError, ModelNotFoundError
-from dq.export.gguf_keys import IMATRIX_CHUNK_COUNT, IMATRIX_CHUNK_SIZE, IMATRIX_DATASETS, GENERAL_TYPE
+from dq.export.gguf_keys import GENERAL_TYPE, IMATRIX_CHUNK_COUNT, IMATRIX_CHUNK_SIZE, IMATRIX_DATASETS
 from dq.quant.formats import QuantFormat
 
 __all__ = ["ImatrixEntry", "Imatrix", "read_imatrix", "write_imatrix"]

@@ -32,8 +32,8 @@ def test_unknown_architecture(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["NotARealModelForCausalLM"]}))
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     save_file({"w": np.zeros((2, 2), np.float32)}, str(model / "model.safetensors"))
     with pytest.raises(UnsupportedArchitectureError, match="NotARealModelForCausalLM"):

@@ -26,6 +26,7 @@ from dq.export.bnb_plan import (  # noqa: E402
 )
 from dq.export.safetensors_bnb import quantize_safetensors_bnb  # noqa: E402
 
+
 def _calib() -> str:
     from dq.data import calibration_text
 

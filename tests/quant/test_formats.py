@@ -6,7 +6,15 @@ import pytest
 
 from dq.errors import UnknownFormatError
 from dq.quant import libggml
-from dq.quant.formats import FORMATS, QuantFormat, effective_format, fallback_format, parse_format, row_nbytes, tensor_nbytes
+from dq.quant.formats import (
+    FORMATS,
+    QuantFormat,
+    effective_format,
+    fallback_format,
+    parse_format,
+    row_nbytes,
+    tensor_nbytes,
+)
 
 
 @pytest.mark.parametrize("fmt", list(QuantFormat), ids=str)
