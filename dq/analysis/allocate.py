@@ -27,6 +27,7 @@ from dq.analysis.artifact import Analysis, TensorMeasurement
 from dq.analysis.policy import Policy
 from dq.analysis.roles import TensorRole, classify, layer_index
 from dq.errors import BudgetError
+from dq.export.gguf_writer import DEFAULT_ALIGNMENT, padded_size
 from dq.quant.assign import SourceTensor
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, tensor_nbytes
 from dq.quant.plan import PlanTensor, QuantPlan, tensor_fingerprint
@@ -52,10 +53,6 @@ class Item:
     floor_reason: str
 
 
-def _pad(n: int, align: int) -> int:
-    return (n + align - 1) // align * align
-
-
 def _err(m: TensorMeasurement | None, fmt: QuantFormat) -> float | None:
     if m is None:
         return None
@@ -73,7 +70,7 @@ def build_items(
     sources: Sequence[SourceTensor],
     policy: Policy,
     gains: Mapping[str, float] | None = None,
-    alignment: int = 32,
+    alignment: int = DEFAULT_ALIGNMENT,
 ) -> tuple[list[Item], list[SourceTensor]]:
     """Knapsack items for the quantizable tensors, and the tensors kept as they are."""
     measured = analysis.by_name()
@@ -100,7 +97,7 @@ def build_items(
                 if err is None:
                     continue
                 damage = gain * err
-            opts.append(Option(fmt, stored, _pad(tensor_nbytes(stored, src.shape), alignment), damage))
+            opts.append(Option(fmt, stored, padded_size(tensor_nbytes(stored, src.shape), alignment), damage))
         if not opts:
             kept.append(src)  # nothing measured and no float option: leave it as it is
             log.warning("no measured candidate for %s: kept in %s", src.name, src.fmt)
@@ -161,7 +158,7 @@ def allocate(
     header_bytes: int,
     policy: Policy | None = None,
     gains: Mapping[str, float] | None = None,
-    alignment: int = 32,
+    alignment: int = DEFAULT_ALIGNMENT,
     analysis_path: str | None = None,
     damage_model: str = "",
 ) -> QuantPlan:
@@ -180,7 +177,7 @@ def allocate(
     """
     policy = policy or Policy()
     items, kept = build_items(analysis, sources, policy, gains, alignment)
-    fixed = header_bytes + sum(_pad(tensor_nbytes(s.fmt, s.shape), alignment) for s in kept)
+    fixed = header_bytes + sum(padded_size(tensor_nbytes(s.fmt, s.shape), alignment) for s in kept)
     smallest = fixed + sum(min(o.nbytes for o in it.options) for it in items)
     if budget_bytes < smallest:
         raise BudgetError(
@@ -203,7 +200,7 @@ def allocate(
             damage += o.damage
         else:
             tensors[src.name] = PlanTensor(src.fmt, classify(src.name).value,
-                                           _pad(tensor_nbytes(src.fmt, src.shape), alignment), 0.0, "kept")
+                                           padded_size(tensor_nbytes(src.fmt, src.shape), alignment), 0.0, "kept")
     total = header_bytes + sum(t.bytes for t in tensors.values())
     assert total <= budget_bytes, (total, budget_bytes)
     return QuantPlan(

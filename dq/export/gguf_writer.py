@@ -30,7 +30,7 @@ from gguf import GGUFValueType
 from dq.export.atomic import atomic_path
 from dq.quant.formats import FORMATS, QuantFormat, tensor_nbytes
 
-__all__ = ["GGUFFileWriter", "TensorInfo", "GGUF_MAGIC", "GGUF_VERSION", "DEFAULT_ALIGNMENT"]
+__all__ = ["GGUFFileWriter", "TensorInfo", "GGUF_MAGIC", "GGUF_VERSION", "DEFAULT_ALIGNMENT", "padded_size"]
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -54,7 +54,8 @@ class TensorInfo:
     offset: int
 
 
-def _pad(n: int, align: int) -> int:
+def padded_size(n: int, align: int = DEFAULT_ALIGNMENT) -> int:
+    """``n`` rounded up to the alignment: the bytes a header or tensor payload takes in the file."""
     return (n + align - 1) // align * align
 
 
@@ -115,7 +116,7 @@ class GGUFFileWriter:
         shape = tuple(int(d) for d in shape)
         info = TensorInfo(name, shape, fmt, tensor_nbytes(fmt, shape), self._data_size)
         self._tensors.append(info)
-        self._data_size += _pad(info.nbytes, self.alignment)
+        self._data_size += padded_size(info.nbytes, self.alignment)
         return info
 
     @property
@@ -131,7 +132,7 @@ class GGUFFileWriter:
             parts.append(_str(t.name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims))
             parts.append(struct.pack("<IQ", FORMATS[t.fmt].ggml_id, t.offset))
         header = b"".join(parts)
-        return header + b"\0" * (_pad(len(header), self.alignment) - len(header))
+        return header + b"\0" * (padded_size(len(header), self.alignment) - len(header))
 
     def total_size(self) -> int:
         """Exact size in bytes of the file this writer will produce."""
@@ -159,7 +160,7 @@ class GGUFFileWriter:
         if len(data) != info.nbytes:
             raise ValueError(f"tensor {name!r} payload has {len(data)} bytes, declared {info.nbytes} ({info.fmt})")
         self._fh.write(data)
-        self._fh.write(b"\0" * (_pad(info.nbytes, self.alignment) - info.nbytes))
+        self._fh.write(b"\0" * (padded_size(info.nbytes, self.alignment) - info.nbytes))
         self._next += 1
 
     def close(self) -> None:
