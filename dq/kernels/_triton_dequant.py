@@ -1,8 +1,9 @@
 """Triton kernels: GGUF block dequantization and activation statistics (GPU, or TRITON_INTERPRET=1).
 
-Dequantization is elementwise: each lane computes one output weight from its block's bytes (the
-block's header and quant bytes are re-read by neighbouring lanes from L1), following
-``dequantize_row_*`` in ggml-quants.c with products in ggml's order, so the output is bit-exact.
+Dequantization follows ``dequantize_row_*`` in ggml-quants.c with products in ggml's order, so the
+output is bit-exact. Most types run elementwise (each lane decodes one weight; neighbouring lanes re-read
+the block header from L1). Q3_K, Q4_K, Q5_K and TQ1_0, whose headers cost several byte loads per weight,
+run as ``[blocks, sub-blocks, weights]`` tiles that decode each sub-block's scale once.
 Types without a kernel here (IQ2_*, IQ3_*, IQ1_*) are dequantized by the torch reference, which also
 runs on the GPU.
 
@@ -152,13 +153,69 @@ def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr,
     tl.store(dst + e, y.to(dst.dtype.element_ty), mask=mask)
 
 
+# Super-block types whose per-element header decoding made the elementwise kernel L1-bound: here a
+# program takes NB whole blocks as an [NB, NSUB, SUBLEN] tile, decodes d, dmin and the packed sub-block
+# scales once per [NB, NSUB], and broadcasts them over the sub-block's weights.
+_SUB = {QuantFormat.Q3_K: (16, 16), QuantFormat.Q4_K: (8, 32), QuantFormat.Q5_K: (8, 32), QuantFormat.TQ1_0: (1, 256)}
+
+
+@triton.jit
+def _dequant_sub_kernel(src, dst, n_blocks, KIND: tl.constexpr, TS: tl.constexpr, NB: tl.constexpr,
+                        NSUB: tl.constexpr, SUBLEN: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    bmask = blk < n_blocks
+    b = blk * TS
+    js = tl.arange(0, NSUB)
+    t = tl.arange(0, SUBLEN)
+    b2 = b[:, None]
+    m2 = bmask[:, None] & (js[None, :] >= 0)
+    b3 = b[:, None, None]
+    j3 = js[None, :, None] * SUBLEN + t[None, None, :]
+    m3 = bmask[:, None, None] & (j3 >= 0)
+    if KIND == 7 or KIND == 8:  # Q4_K / Q5_K: d dmin scales[12] (qh[32]) qs[128]
+        sc, mn = _scale_min_k4(src, b2 + 4, js[None, :], m2)
+        d1 = _f16(src, b, bmask)[:, None] * sc
+        m1 = _f16(src, b + 2, bmask)[:, None] * mn
+        qoff: tl.constexpr = 16 if KIND == 7 else 48
+        c64 = js // 2
+        q = (_u8(src, b3 + qoff + (c64 * 32)[None, :, None] + t[None, None, :], m3)
+             >> ((js % 2) * 4)[None, :, None]) & 0xF
+        if KIND == 8:
+            q = q | (((_u8(src, b3 + 16 + t[None, None, :], m3) >> js[None, :, None]) & 1) << 4)
+        y = d1[:, :, None] * q.to(tl.float32) - m1[:, :, None]
+    elif KIND == 6:  # Q3_K: hmask[32] qs[64] scales[12] d
+        low = (_u8(src, b2 + 96 + js[None, :] % 8, m2) >> ((js[None, :] // 8) * 4)) & 0xF
+        high = (_u8(src, b2 + 104 + js[None, :] % 4, m2) >> ((js[None, :] // 4) * 2)) & 3
+        dl = _f16(src, b + 108, bmask)[:, None] * ((low | (high << 4)) - 32).to(tl.float32)
+        r = j3 % 128
+        n128 = j3 // 128
+        l = r % 32
+        q = (_u8(src, b3 + 32 + n128 * 32 + l, m3) >> ((r // 32) * 2)) & 3
+        hm = (_u8(src, b3 + l, m3) >> (n128 * 4 + r // 32)) & 1
+        y = dl[:, :, None] * (q - tl.where(hm != 0, 0, 4)).to(tl.float32)
+    else:  # TQ1_0: qs[48] qh[4] d; base-3 digits recovered as (uint8(q * 3^n) * 3) >> 8
+        j = j3
+        in_a = j < 160
+        in_b = (j >= 160) & (j < 240)
+        ra = j
+        rb = j - 160
+        rc = j - 240
+        off = tl.where(in_a, ra % 32, tl.where(in_b, 32 + rb % 16, 48 + rc % 4))
+        n = tl.where(in_a, ra // 32, tl.where(in_b, rb // 16, rc // 4))
+        p3 = tl.where(n == 0, 1, tl.where(n == 1, 3, tl.where(n == 2, 9, tl.where(n == 3, 27, 81))))
+        q = (_u8(src, b3 + off, m3) * p3) & 0xFF
+        y = (((q * 3) >> 8) - 1).to(tl.float32) * _f16(src, b + 52, bmask)[:, None, None]
+    tl.store(dst + blk[:, None, None] * (NSUB * SUBLEN) + j3, y.to(dst.dtype.element_ty), mask=m3)
+
+
 @functools.cache
 def _table(fmt: QuantFormat, device: str) -> torch.Tensor:
     vals = KVALUES_MXFP4 if fmt is QuantFormat.MXFP4 else KVALUES_IQ4NL
     return torch.tensor(vals, dtype=torch.float32, device=device)
 
 
-def dequantize_triton(data: torch.Tensor, fmt: QuantFormat, n_elem: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_triton(data: torch.Tensor, fmt: QuantFormat, n_elem: int, dtype: torch.dtype, *,
+                      tile: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Dequantize ``n_elem`` weights of raw GGUF bytes ``data`` (uint8) as ``fmt`` into a flat tensor.
 
     Args:
@@ -166,16 +223,28 @@ def dequantize_triton(data: torch.Tensor, fmt: QuantFormat, n_elem: int, dtype: 
         fmt: one of :data:`TRITON_DEQUANT_FORMATS`.
         n_elem: number of weights in the payload.
         dtype: float32 or bfloat16 output.
+        tile: blocks per program (Q3_K, Q4_K, Q5_K, TQ1_0) or weights per program (the rest); tuning only.
+        num_warps: warps per program; tuning only.
 
     Returns:
         flat ``[n_elem]`` tensor of ``dtype`` on ``data.device``.
     """
     spec = FORMATS[fmt]
     out = torch.empty(n_elem, device=data.device, dtype=dtype)
-    block = 1024
+    if fmt in _SUB:
+        nsub, sublen = _SUB[fmt]
+        nb = tile or 8  # launch shape from bench/kernels_sweep.py on an H100
+        n_blocks = n_elem // spec.block_size
+        _dequant_sub_kernel[(triton.cdiv(n_blocks, nb),)](
+            data, out, n_blocks, KIND=_KIND[fmt], TS=spec.type_size, NB=nb, NSUB=nsub, SUBLEN=sublen,
+            num_warps=num_warps or 2, enable_fp_fusion=False,
+        )
+        return out
+    block = tile or 1024
     _dequant_kernel[(triton.cdiv(n_elem, block),)](
         data, out, _table(fmt, str(data.device)), n_elem,
-        KIND=_KIND[fmt], QK=spec.block_size, TS=spec.type_size, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        KIND=_KIND[fmt], QK=spec.block_size, TS=spec.type_size, BLOCK=block, num_warps=num_warps or 4,
+        enable_fp_fusion=False,
     )
     return out
 

@@ -16,10 +16,12 @@ This module imports Triton at import time; :mod:`dq.kernels.api` imports it only
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from dq.kernels.ref_kquant import KQUANT_PARAMS, qkx2_steps, qx_steps
 from dq.quant.formats import FORMATS, QuantFormat
@@ -32,16 +34,27 @@ _KQ = {QuantFormat.Q2_K: 0, QuantFormat.Q3_K: 1, QuantFormat.Q4_K: 2, QuantForma
 TRITON_QUANT_FORMATS = tuple(_LEGACY) + tuple(_KQ)
 
 
+# Compiled kernels round with single PTX instructions (cvt.rzi / cvt.rni / round); Triton's interpreter
+# (TRITON_INTERPRET=1, read by triton.jit when this module is imported) has no libdevice, so there the
+# same results are built from exact casts. Both equal ggml's rounding on every value the callers keep.
+_HW = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
 @triton.jit
 def _trunc(x):
-    # exact truncation toward zero for |x| < 2^31 (cvt.rzi), clamped first so huge values saturate
+    # exact truncation toward zero (cvt.rzi); the interpreter has no libdevice, so it is built from casts
+    if _HW:
+        return libdevice.trunc(x)
     x = tl.minimum(tl.maximum(x, -8388608.0), 8388608.0)
     return x.to(tl.int32).to(tl.float32)
 
 
 @triton.jit
 def _rne(x):
-    # ggml-quants.c nearest_int: round half to even (the 1.5*2^23 trick), from exact operations
+    # ggml-quants.c nearest_int: round half to even (the 1.5*2^23 trick). Every caller clamps the result
+    # to a small range, where rint (cvt.rni) and the exact-cast emulation agree with nearest_int.
+    if _HW:
+        return libdevice.rint(x)
     x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)
     r = x.to(tl.int32).to(tl.float32)
     af = tl.abs(x - r)
@@ -53,6 +66,8 @@ def _rne(x):
 @triton.jit
 def _roundf(x):
     # C roundf / lroundf: half away from zero
+    if _HW:
+        return libdevice.round(x)
     x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)
     r = x.to(tl.int32).to(tl.float32)
     return tl.where(tl.abs(x - r) >= 0.5, r + tl.where(x < 0, -1.0, 1.0), r)
@@ -74,33 +89,27 @@ def _safe(d):
 
 
 @triton.jit
-def _store_sums(out_ptr, pid_r, pid_c, n_chunks, x, deq, im, valid):
+def _tile_sums(x, deq, im, valid):
+    """Per-tile-row partial sums of e^2, im*e^2, x^2 and im*x^2 (each reduced over axis 1)."""
     e = tl.where(valid, x - deq, 0.0)
     xx = tl.where(valid, x, 0.0)
     e2 = e * e
     x2 = xx * xx
-    base = out_ptr + (pid_r * n_chunks + pid_c) * 4
-    tl.store(base + 0, tl.sum(tl.sum(e2, axis=1), axis=0))
-    tl.store(base + 1, tl.sum(tl.sum(e2 * im, axis=1), axis=0))
-    tl.store(base + 2, tl.sum(tl.sum(x2, axis=1), axis=0))
-    tl.store(base + 3, tl.sum(tl.sum(x2 * im, axis=1), axis=0))
+    return tl.sum(e2, axis=1), tl.sum(e2 * im, axis=1), tl.sum(x2, axis=1), tl.sum(x2 * im, axis=1)
 
 
 @triton.jit
-def _legacy_kernel(x_ptr, im_ptr, out_ptr, n_per_row, n_chunks,
-                   KIND: tl.constexpr, QK: tl.constexpr, BLOCKS: tl.constexpr, HAS_IM: tl.constexpr):
-    """Q8_0 / Q4_0 / Q5_0 / Q4_1 / Q5_1 / TQ*_0: a [BLOCKS, QK] tile per program, one row chunk."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    blk = pid_c * BLOCKS + tl.arange(0, BLOCKS)
-    j = tl.arange(0, QK)
-    col = blk[:, None] * QK + j[None, :]
-    valid = col < n_per_row
-    x = tl.load(x_ptr + pid_r.to(tl.int64) * n_per_row + col, mask=valid, other=0.0).to(tl.float32)
-    if HAS_IM:
-        im = tl.load(im_ptr + col, mask=valid, other=0.0)
-    else:
-        im = tl.full([BLOCKS, QK], 1.0, tl.float32)
+def _store_row(out_ptr, pid_r, a0, a1, a2, a3):
+    base = out_ptr + pid_r.to(tl.int64) * 4
+    tl.store(base + 0, tl.sum(a0, axis=0))
+    tl.store(base + 1, tl.sum(a1, axis=0))
+    tl.store(base + 2, tl.sum(a2, axis=0))
+    tl.store(base + 3, tl.sum(a3, axis=0))
+
+
+@triton.jit
+def _legacy_tile(x, j, KIND: tl.constexpr, QK: tl.constexpr, BLOCKS: tl.constexpr):
+    """Dequantized [BLOCKS, QK] tile of ``x`` after the type's reference quantizer."""
     if KIND == 0:  # quantize_row_q8_0_ref
         d = _div(tl.max(tl.abs(x), axis=1), tl.full([BLOCKS], 127.0, tl.float32))
         idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
@@ -131,21 +140,49 @@ def _legacy_kernel(x_ptr, im_ptr, out_ptr, n_per_row, n_chunks,
         d = tl.max(tl.abs(x), axis=1)
         idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
         deq = _roundf(x * idv[:, None]) * _fp16(d)[:, None]
-    _store_sums(out_ptr, pid_r, pid_c, n_chunks, x, deq, im, valid)
+    return deq
 
 
 @triton.jit
-def _qkx2(xb, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP: tl.constexpr,
+def _legacy_kernel(x_ptr, im_ptr, out_ptr, n_per_row,
+                   KIND: tl.constexpr, QK: tl.constexpr, BLOCKS: tl.constexpr, HAS_IM: tl.constexpr):
+    """Q8_0 / Q4_0 / Q5_0 / Q4_1 / Q5_1 / TQ*_0: one row per program, in [BLOCKS, QK] tiles."""
+    pid_r = tl.program_id(0)
+    row_ptr = x_ptr + pid_r.to(tl.int64) * n_per_row
+    j = tl.arange(0, QK)
+    tile = tl.arange(0, BLOCKS)[:, None] * QK + j[None, :]
+    a0 = tl.zeros([BLOCKS], tl.float32)
+    a1 = tl.zeros([BLOCKS], tl.float32)
+    a2 = tl.zeros([BLOCKS], tl.float32)
+    a3 = tl.zeros([BLOCKS], tl.float32)
+    for c0 in range(0, n_per_row, BLOCKS * QK):
+        col = c0 + tile
+        valid = col < n_per_row
+        x = tl.load(row_ptr + col, mask=valid, other=0.0).to(tl.float32)
+        if HAS_IM:
+            im = tl.load(im_ptr + col, mask=valid, other=0.0)
+        else:
+            im = tl.full([BLOCKS, QK], 1.0, tl.float32)
+        s0, s1, s2, s3 = _tile_sums(x, _legacy_tile(x, j, KIND, QK, BLOCKS), im, valid)
+        a0 += s0
+        a1 += s1
+        a2 += s2
+        a3 += s3
+    _store_row(out_ptr, pid_r, a0, a1, a2, a3)
+
+
+@triton.jit
+def _qkx2(xb, st, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP: tl.constexpr,
           MAD: tl.constexpr, WABS: tl.constexpr):
     """make_qkx2_quants, one sub-block per lane; weights |x| (WABS) or av_x + |x|. Returns (scale, -min)."""
-    x0 = tl.load(xb, mask=valid, other=0.0)
+    x0 = tl.load(xb, mask=valid, other=0.0).to(tl.float32)
     w0 = tl.abs(x0) if WABS else av + tl.abs(x0)
     mn = x0
     mx = x0
     sum_w = w0
     sum_x = w0 * x0
     for i in range(1, SB):
-        xi = tl.load(xb + i, mask=valid, other=0.0)
+        xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         wi = tl.abs(xi) if WABS else av + tl.abs(xi)
         mn = tl.minimum(mn, xi)
         mx = tl.maximum(mx, xi)
@@ -157,7 +194,7 @@ def _qkx2(xb, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP:
     scale = _div(tl.zeros_like(mx) + 1.0, iscale)
     best = tl.zeros_like(mx)
     for i in range(SB):
-        xi = tl.load(xb + i, mask=valid, other=0.0)
+        xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         wi = tl.abs(xi) if WABS else av + tl.abs(xi)
         lv = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
         diff = (scale * lv + mn) - xi
@@ -170,7 +207,7 @@ def _qkx2(xb, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP:
         sum_l2 = tl.zeros_like(mx)
         sum_xl = tl.zeros_like(mx)
         for i in range(SB):
-            xi = tl.load(xb + i, mask=valid, other=0.0)
+            xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
             wi = tl.abs(xi) if WABS else av + tl.abs(xi)
             la = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
             wl = wi * la
@@ -186,7 +223,7 @@ def _qkx2(xb, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP:
         this_scale = tl.where(pos, _div(sum_xl, _safe(sum_l2)), this_scale)
         cur = tl.zeros_like(mx)
         for i in range(SB):
-            xi = tl.load(xb + i, mask=valid, other=0.0)
+            xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
             wi = tl.abs(xi) if WABS else av + tl.abs(xi)
             la = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
             diff = (this_scale * la + this_min) - xi
@@ -200,12 +237,12 @@ def _qkx2(xb, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP:
 
 
 @triton.jit
-def _first_absmax_seq(xb, valid, SB: tl.constexpr):
-    x0 = tl.load(xb, mask=valid, other=0.0)
+def _first_absmax_seq(xb, st, valid, SB: tl.constexpr):
+    x0 = tl.load(xb, mask=valid, other=0.0).to(tl.float32)
     amax = tl.abs(x0)
     mx = x0
     for i in range(1, SB):
-        xi = tl.load(xb + i, mask=valid, other=0.0)
+        xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         upd = tl.abs(xi) > amax
         amax = tl.where(upd, tl.abs(xi), amax)
         mx = tl.where(upd, xi, mx)
@@ -213,16 +250,16 @@ def _first_absmax_seq(xb, valid, SB: tl.constexpr):
 
 
 @triton.jit
-def _qx_rmse1(xb, valid, steps_ptr, SB: tl.constexpr, NMAX: tl.constexpr):
+def _qx_rmse1(xb, st, valid, steps_ptr, SB: tl.constexpr, NMAX: tl.constexpr):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL), one sub-block per lane; returns the scale."""
-    mx, amax = _first_absmax_seq(xb, valid, SB)
+    mx, amax = _first_absmax_seq(xb, st, valid, SB)
     zero = amax < 1e-15
     mxs = tl.where(zero, 1.0, mx)
     iscale = _div(tl.zeros_like(mx) - NMAX, mxs)
     sumlx = tl.zeros_like(mx)
     suml2 = tl.zeros_like(mx)
     for i in range(SB):
-        xi = tl.load(xb + i, mask=valid, other=0.0)
+        xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
         w = xi * xi
         sumlx += (w * xi) * lv
@@ -234,7 +271,7 @@ def _qx_rmse1(xb, valid, steps_ptr, SB: tl.constexpr, NMAX: tl.constexpr):
         slx = tl.zeros_like(mx)
         sl2 = tl.zeros_like(mx)
         for i in range(SB):
-            xi = tl.load(xb + i, mask=valid, other=0.0)
+            xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
             lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
             w = xi * xi
             slx += (w * xi) * lv
@@ -246,16 +283,16 @@ def _qx_rmse1(xb, valid, steps_ptr, SB: tl.constexpr, NMAX: tl.constexpr):
 
 
 @triton.jit
-def _q3(xb, valid, SB: tl.constexpr):
+def _q3(xb, st, valid, SB: tl.constexpr):
     """make_q3_quants(16, 4, x, L, true); the 16 L's live as 4-bit fields of one int64 per lane."""
-    mx, amax = _first_absmax_seq(xb, valid, SB)
+    mx, amax = _first_absmax_seq(xb, st, valid, SB)
     zero = amax < 1e-15
     iscale = _div(tl.zeros_like(mx) - 4.0, tl.where(zero, 1.0, mx))
     packed = tl.zeros(mx.shape, tl.int64)
     sumlx = tl.zeros_like(mx)
     suml2 = tl.zeros_like(mx)
     for i in range(SB):
-        xi = tl.load(xb + i, mask=valid, other=0.0)
+        xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         lv = tl.minimum(tl.maximum(_rne(iscale * xi), -4.0), 3.0)
         packed = packed | ((lv + 8.0).to(tl.int64) << (i * 4))
         w = xi * xi
@@ -265,7 +302,7 @@ def _q3(xb, valid, SB: tl.constexpr):
     for itry in range(5):
         changed = amax < 0.0
         for i in range(SB):
-            xi = tl.load(xb + i, mask=valid, other=0.0)
+            xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
             li = ((packed >> (i * 4)) & 15).to(tl.float32) - 8.0
             w = xi * xi
             slx = sumlx - (w * xi) * li
@@ -295,96 +332,111 @@ def _first_absmax_2d(s, NSUB: tl.constexpr):
 
 
 @triton.jit
-def _kquant_kernel(x_ptr, im_ptr, out_ptr, steps_ptr, n_per_row, n_chunks,
+def _kquant_kernel(x_ptr, im_ptr, out_ptr, steps_ptr, n_per_row,
                    KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr):
-    """Q2_K..Q6_K (quantize_row_q*_K_ref): NSUPER super-blocks of 256 per program, one lane per sub-block."""
+    """Q2_K..Q6_K (quantize_row_q*_K_ref): one row per program, NSUPER super-blocks of 256 at a time,
+    one lane per sub-block.
+
+    ``x_ptr`` holds each row sub-block-transposed (``[SB, n_per_row // SB]``, see
+    :func:`quant_error_triton`): the sequential per-lane scans then read consecutive addresses across a
+    warp's lanes instead of one cache line per lane.
+    """
     NSUB: tl.constexpr = 256 // SB
     S: tl.constexpr = NSUPER * NSUB
     pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
     sub = tl.arange(0, S)
-    col0 = pid_c * (NSUPER * 256) + sub * SB
-    valid = col0 < n_per_row
     row_ptr = x_ptr + pid_r.to(tl.int64) * n_per_row
-    xb = row_ptr + col0
-    zero2 = tl.zeros([NSUPER, NSUB], tl.float32)
-    if KIND == 0 or KIND == 2 or KIND == 3:
-        if KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
-            sc, mn = _qkx2(xb, valid, steps_ptr, 0.0, SB, 3, 15, True, True)
-        else:  # Q4_K / Q5_K: weights av_x + |x|
-            sum_x2 = tl.zeros([S], tl.float32)
-            for i in range(SB):
-                xi = tl.load(xb + i, mask=valid, other=0.0)
-                sum_x2 += xi * xi
-            av = tl.math.sqrt_rn(_div(sum_x2, tl.zeros_like(sum_x2) + 32.0))
-            if KIND == 2:
-                sc, mn = _qkx2(xb, valid, steps_ptr, av, SB, 15, 20, False, False)
+    a0 = tl.zeros([S], tl.float32)
+    a1 = tl.zeros([S], tl.float32)
+    a2 = tl.zeros([S], tl.float32)
+    a3 = tl.zeros([S], tl.float32)
+    st = n_per_row // SB
+    for c0 in range(0, st, S):
+        sb_i = c0 + sub
+        valid = sb_i < st
+        xb = row_ptr + sb_i
+        zero2 = tl.zeros([NSUPER, NSUB], tl.float32)
+        if KIND == 0 or KIND == 2 or KIND == 3:
+            if KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
+                sc, mn = _qkx2(xb, st, valid, steps_ptr, 0.0, SB, 3, 15, True, True)
+            else:  # Q4_K / Q5_K: weights av_x + |x|
+                sum_x2 = tl.zeros([S], tl.float32)
+                for i in range(SB):
+                    xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
+                    sum_x2 += xi * xi
+                av = tl.math.sqrt_rn(_div(sum_x2, tl.zeros_like(sum_x2) + 32.0))
+                if KIND == 2:
+                    sc, mn = _qkx2(xb, st, valid, steps_ptr, av, SB, 15, 20, False, False)
+                else:
+                    sc, mn = _qkx2(xb, st, valid, steps_ptr, av, SB, 31, 15, False, False)
+            sc2 = tl.reshape(sc, [NSUPER, NSUB])
+            mn2 = tl.reshape(mn, [NSUPER, NSUB])
+            max_scale = tl.maximum(tl.max(sc2, axis=1), 0.0)
+            max_min = tl.maximum(tl.max(mn2, axis=1), 0.0)
+            if KIND == 0:
+                has_s = max_scale > 0
+                has_m = max_min > 0
+                ls = _rne(_div(tl.zeros_like(max_scale) + 15.0, _safe(max_scale))[:, None] * sc2)
+                lm = _rne(_div(tl.zeros_like(max_min) + 15.0, _safe(max_min))[:, None] * mn2)
+                ls = tl.where(has_s[:, None], ls, zero2).to(tl.int32) & 255
+                lm = tl.where(has_m[:, None], lm, zero2).to(tl.int32)
+                packed = (ls | (lm << 4)) & 255  # y[i].scales[j] = l; |= (l << 4)
+                d16 = tl.where(has_s, _fp16(_div(max_scale, tl.zeros_like(max_scale) + 15.0)), 0.0)
+                m16 = tl.where(has_m, _fp16(_div(max_min, tl.zeros_like(max_min) + 15.0)), 0.0)
+                d2 = d16[:, None] * (packed & 15).to(tl.float32)
+                dm2 = m16[:, None] * (packed >> 4).to(tl.float32)
+                NMIN: tl.constexpr = 0
+                NTOP: tl.constexpr = 3
             else:
-                sc, mn = _qkx2(xb, valid, steps_ptr, av, SB, 31, 15, False, False)
-        sc2 = tl.reshape(sc, [NSUPER, NSUB])
-        mn2 = tl.reshape(mn, [NSUPER, NSUB])
-        max_scale = tl.maximum(tl.max(sc2, axis=1), 0.0)
-        max_min = tl.maximum(tl.max(mn2, axis=1), 0.0)
-        if KIND == 0:
-            has_s = max_scale > 0
-            has_m = max_min > 0
-            ls = _rne(_div(tl.zeros_like(max_scale) + 15.0, _safe(max_scale))[:, None] * sc2)
-            lm = _rne(_div(tl.zeros_like(max_min) + 15.0, _safe(max_min))[:, None] * mn2)
-            ls = tl.where(has_s[:, None], ls, zero2).to(tl.int32) & 255
-            lm = tl.where(has_m[:, None], lm, zero2).to(tl.int32)
-            packed = (ls | (lm << 4)) & 255  # y[i].scales[j] = l; |= (l << 4)
-            d16 = tl.where(has_s, _fp16(_div(max_scale, tl.zeros_like(max_scale) + 15.0)), 0.0)
-            m16 = tl.where(has_m, _fp16(_div(max_min, tl.zeros_like(max_min) + 15.0)), 0.0)
-            d2 = d16[:, None] * (packed & 15).to(tl.float32)
-            dm2 = m16[:, None] * (packed >> 4).to(tl.float32)
-            NMIN: tl.constexpr = 0
+                inv_s = tl.where(max_scale > 0, _div(tl.zeros_like(max_scale) + 63.0, _safe(max_scale)), 0.0)
+                inv_m = tl.where(max_min > 0, _div(tl.zeros_like(max_min) + 63.0, _safe(max_min)), 0.0)
+                ls = tl.minimum((_rne(inv_s[:, None] * sc2).to(tl.int32) & 255).to(tl.float32), 63.0)
+                lm = tl.minimum((_rne(inv_m[:, None] * mn2).to(tl.int32) & 255).to(tl.float32), 63.0)
+                d2 = _fp16(_div(max_scale, tl.zeros_like(max_scale) + 63.0))[:, None] * ls
+                dm2 = _fp16(_div(max_min, tl.zeros_like(max_min) + 63.0))[:, None] * lm
+                NMIN: tl.constexpr = 0
+                NTOP: tl.constexpr = 15 if KIND == 2 else 31
+        elif KIND == 1:  # Q3_K: make_q3_quants, signed 6-bit scales against the first largest |scale|
+            sc2 = tl.reshape(_q3(xb, st, valid, SB), [NSUPER, NSUB])
+            max_scale, _amax = _first_absmax_2d(sc2, NSUB)
+            has = max_scale != 0
+            iscale = _div(tl.zeros_like(max_scale) - 32.0, _safe(max_scale))
+            lq = tl.minimum(tl.maximum(_rne(iscale[:, None] * sc2), -32.0), 31.0)
+            lq = tl.where(has[:, None], lq, zero2 - 32.0)
+            d16 = tl.where(has, _fp16(_div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
+            d2 = d16[:, None] * lq
+            dm2 = zero2
+            NMIN: tl.constexpr = -4
             NTOP: tl.constexpr = 3
+        else:  # Q6_K: make_qx_quants(16, 32, rmse_type 1), int8 scales against the first largest |scale|
+            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, SB, 32), [NSUPER, NSUB])
+            max_scale, amax = _first_absmax_2d(sc2, NSUB)
+            has = amax >= 1e-15
+            iscale = _div(tl.zeros_like(max_scale) - 128.0, tl.where(has, max_scale, 1.0))
+            lq = tl.minimum(_rne(iscale[:, None] * sc2), 127.0)
+            d16 = tl.where(has, _fp16(_div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
+            d2 = d16[:, None] * tl.where(has[:, None], lq, zero2)
+            dm2 = zero2
+            NMIN: tl.constexpr = -32
+            NTOP: tl.constexpr = 31
+        # requantize every weight against its sub-block's (d, dm) and reduce the error
+        d = tl.reshape(d2, [S])
+        dm = tl.reshape(dm2, [S])
+        j = tl.arange(0, SB)
+        v2 = valid[:, None] & (j[None, :] < SB)
+        x = tl.load(row_ptr + sb_i[:, None] + j[None, :] * st, mask=v2, other=0.0).to(tl.float32)
+        if HAS_IM:
+            im = tl.load(im_ptr + sb_i[:, None] * SB + j[None, :], mask=v2, other=0.0)
         else:
-            inv_s = tl.where(max_scale > 0, _div(tl.zeros_like(max_scale) + 63.0, _safe(max_scale)), 0.0)
-            inv_m = tl.where(max_min > 0, _div(tl.zeros_like(max_min) + 63.0, _safe(max_min)), 0.0)
-            ls = tl.minimum((_rne(inv_s[:, None] * sc2).to(tl.int32) & 255).to(tl.float32), 63.0)
-            lm = tl.minimum((_rne(inv_m[:, None] * mn2).to(tl.int32) & 255).to(tl.float32), 63.0)
-            d2 = _fp16(_div(max_scale, tl.zeros_like(max_scale) + 63.0))[:, None] * ls
-            dm2 = _fp16(_div(max_min, tl.zeros_like(max_min) + 63.0))[:, None] * lm
-            NMIN: tl.constexpr = 0
-            NTOP: tl.constexpr = 15 if KIND == 2 else 31
-    elif KIND == 1:  # Q3_K: make_q3_quants, signed 6-bit scales against the first largest |scale|
-        sc2 = tl.reshape(_q3(xb, valid, SB), [NSUPER, NSUB])
-        max_scale, _amax = _first_absmax_2d(sc2, NSUB)
-        has = max_scale != 0
-        iscale = _div(tl.zeros_like(max_scale) - 32.0, _safe(max_scale))
-        lq = tl.minimum(tl.maximum(_rne(iscale[:, None] * sc2), -32.0), 31.0)
-        lq = tl.where(has[:, None], lq, zero2 - 32.0)
-        d16 = tl.where(has, _fp16(_div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
-        d2 = d16[:, None] * lq
-        dm2 = zero2
-        NMIN: tl.constexpr = -4
-        NTOP: tl.constexpr = 3
-    else:  # Q6_K: make_qx_quants(16, 32, rmse_type 1), int8 scales against the first largest |scale|
-        sc2 = tl.reshape(_qx_rmse1(xb, valid, steps_ptr, SB, 32), [NSUPER, NSUB])
-        max_scale, amax = _first_absmax_2d(sc2, NSUB)
-        has = amax >= 1e-15
-        iscale = _div(tl.zeros_like(max_scale) - 128.0, tl.where(has, max_scale, 1.0))
-        lq = tl.minimum(_rne(iscale[:, None] * sc2), 127.0)
-        d16 = tl.where(has, _fp16(_div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
-        d2 = d16[:, None] * tl.where(has[:, None], lq, zero2)
-        dm2 = zero2
-        NMIN: tl.constexpr = -32
-        NTOP: tl.constexpr = 31
-    # requantize every weight against its sub-block's (d, dm) and reduce the error
-    d = tl.reshape(d2, [S])
-    dm = tl.reshape(dm2, [S])
-    j = tl.arange(0, SB)
-    col = col0[:, None] + j[None, :]
-    v2 = valid[:, None] & (col < n_per_row)
-    x = tl.load(row_ptr + col, mask=v2, other=0.0)
-    if HAS_IM:
-        im = tl.load(im_ptr + col, mask=v2, other=0.0)
-    else:
-        im = tl.full([S, SB], 1.0, tl.float32)
-    lv = tl.minimum(tl.maximum(_rne(_div(x + dm[:, None], _safe(d)[:, None])), NMIN), NTOP)
-    deq = d[:, None] * lv - dm[:, None]
-    _store_sums(out_ptr, pid_r, pid_c, n_chunks, x, deq, im, v2)
+            im = tl.full([S, SB], 1.0, tl.float32)
+        lv = tl.minimum(tl.maximum(_rne(_div(x + dm[:, None], _safe(d)[:, None])), NMIN), NTOP)
+        deq = d[:, None] * lv - dm[:, None]
+        s0, s1, s2, s3 = _tile_sums(x, deq, im, v2)
+        a0 += s0
+        a1 += s1
+        a2 += s2
+        a3 += s3
+    _store_row(out_ptr, pid_r, a0, a1, a2, a3)
 
 
 @functools.cache
@@ -397,39 +449,45 @@ def _steps(fmt: QuantFormat, device: str) -> torch.Tensor:
     return torch.from_numpy(arr).to(device)
 
 
-def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None, *,
+                       tile: int | None = None, num_warps: int | None = None) -> dict[str, torch.Tensor]:
     """Per-row ``sse``/``wsse``/``sumsq``/``wsumsq`` of ``weight`` fake-quantized as ``fmt``, in one pass.
 
+    One kernel launch: each program owns one row and loops over it, so no partial sums are written
+    and no follow-up reduction runs. The result is four views of one ``[rows, 4]`` tensor.
+
     Args:
-        weight: ``[rows, n_per_row]`` float32 tensor (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        weight: ``[rows, n_per_row]`` float32, bfloat16 or float16 tensor (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``); 16-bit weights are widened in registers, never copied.
         fmt: one of :data:`TRITON_QUANT_FORMATS`.
         imatrix: optional ``[n_per_row]`` importance weights.
+        tile: blocks (legacy types) or super-blocks (K-quants) per loop step; tuning only.
+        num_warps: warps per program; tuning only.
 
     Returns:
         dict of float32 ``[rows]`` tensors, as :func:`dq.kernels.ref_quant.error_sums`.
     """
-    x = weight.to(torch.float32).contiguous()
+    x = weight if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.to(torch.float32)
+    x = x.contiguous()
     rows, n = x.shape
     spec = FORMATS[fmt]
     im = imatrix.to(device=x.device, dtype=torch.float32).contiguous() if imatrix is not None else x
+    out = torch.empty(rows, 4, device=x.device, dtype=torch.float32)
     if fmt in _LEGACY:
         qk = spec.block_size
-        blocks = 128 if qk == 32 else 16
-        n_chunks = triton.cdiv(n // qk, blocks)
-        out = torch.empty(rows, n_chunks, 4, device=x.device, dtype=torch.float32)
-        _legacy_kernel[(rows, n_chunks)](
-            x, im, out, n, n_chunks, KIND=_LEGACY[fmt], QK=qk, BLOCKS=blocks, HAS_IM=imatrix is not None,
-            num_warps=4, enable_fp_fusion=False,
+        # launch shapes from bench/kernels_sweep.py on an H100 (bench/results/kernels_sweep_h100.json)
+        blocks = tile or (32 if qk == 32 else 8)
+        _legacy_kernel[(rows,)](
+            x, im, out, n, KIND=_LEGACY[fmt], QK=qk, BLOCKS=blocks, HAS_IM=imatrix is not None,
+            num_warps=num_warps or (4 if qk == 32 else 2), enable_fp_fusion=False,
         )
     else:
         sb = 32 if fmt in (QuantFormat.Q4_K, QuantFormat.Q5_K) else 16
-        nsuper = 128 * sb // 256
-        n_chunks = triton.cdiv(n // 256, nsuper)
-        out = torch.empty(rows, n_chunks, 4, device=x.device, dtype=torch.float32)
-        steps = _steps(fmt, str(x.device))
-        _kquant_kernel[(rows, n_chunks)](
-            x, im, out, steps, n, n_chunks, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper, HAS_IM=imatrix is not None,
-            num_warps=4, enable_fp_fusion=False,
+        nsuper = tile or 8
+        xt = x.view(rows, n // sb, sb).transpose(1, 2).contiguous()  # one extra pass, ~1% of the kernel's time
+        _kquant_kernel[(rows,)](
+            xt, im, out, _steps(fmt, str(x.device)), n, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper,
+            HAS_IM=imatrix is not None, num_warps=num_warps or max(1, nsuper * (256 // sb) // 32),
+            enable_fp_fusion=False,
         )
-    tot = out.to(torch.float64).sum(dim=1).to(torch.float32)
-    return {"sse": tot[:, 0], "wsse": tot[:, 1], "sumsq": tot[:, 2], "wsumsq": tot[:, 3]}
+    return {"sse": out[:, 0], "wsse": out[:, 1], "sumsq": out[:, 2], "wsumsq": out[:, 3]}
