@@ -10,7 +10,7 @@ MMLU/ARC use ``dq.evals.lmeval`` when it is importable. Base models are dequanti
 
 Usage:
     python bench/dynamic_vs_uniform.py [--models smollm2-135m gemma3-270m] [--keep-fraction 0.1]
-        [--chunks 8] [--mmlu-limit 20] [--arc-limit 100] [--no-lmeval] [--no-kld] [-o FILE]
+        [--chunks 8] [--mmlu-limit 20] [--arc-limit 100] [--no-lmeval] [--no-kld] [--dense-4bit] [-o FILE]
 Writes bench/results/dynamic_vs_uniform.json and prints a table.
 """
 
@@ -78,11 +78,12 @@ def _save(results: dict, output: Path, models: list[str]) -> None:
 
 
 def run(models: list[str], keep_fraction: float, chunks: int, mmlu_limit: int, arc_limit: int, lmeval: bool,
-        output: Path, kld: bool = True) -> dict:
+        output: Path, kld: bool = True, dense_4bit: bool = False) -> dict:
     from dq.evals.kld import KLDConfig, run_kld
 
     results: dict = {"settings": {"keep_fraction": keep_fraction, "kld_ctx": 512, "kld_chunks": chunks,
-                                  "mmlu_limit_per_subject": mmlu_limit, "arc_easy_limit": arc_limit}, "rows": []}
+                                  "mmlu_limit_per_subject": mmlu_limit, "arc_easy_limit": arc_limit,
+                                  "lmeval_dense_4bit": dense_4bit}, "rows": []}
     for name in models:
         base = materialize(name)
         n_params = _n_params(base)
@@ -107,12 +108,14 @@ def run(models: list[str], keep_fraction: float, chunks: int, mmlu_limit: int, a
                 except ImportError as exc:  # dq.evals.lmeval not landed
                     log.warning("lm-eval part skipped: %s", exc)
                 else:
+                    dense = dense_4bit  # a no-op on the 16-bit base, which then also runs in float32
+                    dtype = "float32" if dense else "bfloat16"
                     runs = run_lmeval(path, LMEvalConfig(tasks=("mmlu",), mmlu_subjects=MMLU_SUBJECTS_QUICK,
-                                                         limit=mmlu_limit, hf_dtype="bfloat16"))
+                                                         limit=mmlu_limit, hf_dtype=dtype, dense_4bit=dense))
                     row["mmlu_acc"], row["mmlu_n"] = runs["mmlu"].acc, runs["mmlu"].n
                     if arc_limit:
                         runs = run_lmeval(path, LMEvalConfig(tasks=("arc_easy",), limit=arc_limit,
-                                                             hf_dtype="bfloat16"))
+                                                             hf_dtype=dtype, dense_4bit=dense))
                         row["arc_easy_acc"], row["arc_easy_n"] = runs["arc_easy"].acc, runs["arc_easy"].n
             log.info("%s", row)
             results["rows"].append(row)
@@ -147,11 +150,14 @@ def main() -> int:
     p.add_argument("--arc-limit", type=int, default=100)
     p.add_argument("--no-lmeval", action="store_true")
     p.add_argument("--no-kld", action="store_true")
+    p.add_argument("--dense-4bit", action="store_true",
+                   help="lm-eval runs NF4 checkpoints with their 4-bit layers densified (same weights, float32; "
+                        "dq.evals.hf_load) instead of through bitsandbytes' slow CPU path")
     p.add_argument("-o", "--output", type=Path, default=ROOT / "results" / "dynamic_vs_uniform.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     run(args.models, args.keep_fraction, args.chunks, args.mmlu_limit, args.arc_limit, not args.no_lmeval,
-        args.output, kld=not args.no_kld)
+        args.output, kld=not args.no_kld, dense_4bit=args.dense_4bit)
     print(table(json.loads(args.output.read_text())))
     print(f"\nwrote {args.output}")
     return 0

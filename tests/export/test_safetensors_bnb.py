@@ -271,3 +271,29 @@ def test_cli_target_size_dry_run_and_plan_reuse(tiny_llama_dir, tiny_quant, tmp_
         (tmp_path / "p.json").write_text("{}")
         run_safetensors(_cli([str(tiny_llama_dir), "--format", "safetensors", "-o", str(tmp_path / "x"),
                               "--plan", str(tmp_path / "p.json")]))
+
+
+def test_densified_4bit_model_equals_bitsandbytes(tiny_quant):
+    """dq.evals.hf_load swaps Linear4bit for nn.Linear of the same dequantized weights: bitsandbytes' own
+    forward (bf16 compute) is the truth; the dense copy runs the matmul in float32, so logits agree to
+    bf16 rounding, and each dense weight equals bitsandbytes' dequantization bit for bit."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from dq.evals.hf_load import densify_4bit, load_causal_lm
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_quant.path).eval()
+    dense = load_causal_lm(tiny_quant.path, "float32", dense_4bit=True)
+    n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in ref.modules())
+    assert n4 == sum(m.quantize for m in tiny_quant.plan.modules) > 0
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in dense.modules())
+    ref_mods = dict(ref.named_modules())
+    for name, m in dense.named_modules():
+        if isinstance(ref_mods.get(name), bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(ref_mods[name].weight.data, ref_mods[name].weight.quant_state)
+            assert torch.equal(m.weight, w.float()), name
+    ids = torch.arange(1, 65).unsqueeze(0) * 7 % 500 + 3
+    a, b = _logits(ref, ids), _logits(dense, ids)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+    assert densify_4bit(dense) == 0
