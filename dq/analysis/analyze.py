@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dq.analysis.artifact import Analysis, SuperWeight, TensorMeasurement
+from dq.analysis.artifact import IMATRIX_FILE, Analysis, SuperWeight, TensorMeasurement
 from dq.analysis.collect import BlockCollector, TensorStats, expert_params
 from dq.analysis.loader import ModelSkeleton, limit_heap_growth
 from dq.analysis.measure import (
@@ -398,12 +398,12 @@ def analyze(
 
     imatrix = Imatrix(dict(sorted(found_all.imatrix.items())), datasets=("dq-analyze:" + (opt.calib_file or "c4,code,multilingual,technical"),),
                       chunk_count=int(ids.shape[0]), chunk_size=int(ids.shape[1]))
-    write_imatrix(out_dir / "imatrix.gguf", imatrix)
+    write_imatrix(out_dir / IMATRIX_FILE, imatrix)
     tensors = tuple(sorted(found_all.tensors, key=_order_key))
     analysis = Analysis(
         model=str(model) if model is not None else str(model_dir), architecture=mapper.arch_name,
         candidates=opt.candidates, tensors=tensors, super_weights=tuple(sws), n_tokens=n_tok,
-        imatrix_file="imatrix.gguf",
+        imatrix_file=IMATRIX_FILE,
         extra={
             "hf_architecture": (sk.config.architectures or [type(sk.model).__name__])[0],
             "model_dir": str(model_dir),

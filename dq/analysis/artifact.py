@@ -24,9 +24,25 @@ from dq.analysis.roles import TensorRole
 from dq.errors import CorruptFileError, reject_unknown_keys
 from dq.quant.formats import QuantFormat, parse_format
 
-__all__ = ["ANALYSIS_VERSION", "TypeError_", "TensorMeasurement", "SuperWeight", "Analysis"]
+__all__ = ["ANALYSIS_VERSION", "IMATRIX_FILE", "TypeError_", "TensorMeasurement", "SuperWeight", "Analysis",
+           "imatrix_beside"]
 
 ANALYSIS_VERSION = 1
+
+
+IMATRIX_FILE = "imatrix.gguf"  # what `dq analyze` writes beside analysis.json
+
+
+def imatrix_beside(analysis_json: str | Path | None, name: str | None = None) -> Path | None:
+    """The imatrix written beside an ``analysis.json`` (``name``, default :data:`IMATRIX_FILE`), if present.
+
+    Plans record the analysis they came from; ``dq plan``, ``dq quantize --plan`` and ``dq eval --check``
+    find the imatrix through this one lookup.
+    """
+    if not analysis_json:
+        return None
+    path = Path(analysis_json).parent / (name or IMATRIX_FILE)
+    return path if path.is_file() else None
 
 
 def _check_keys(cls: type, data: Mapping[str, Any]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dq.analysis.allocate import allocate
-from dq.analysis.artifact import Analysis
+from dq.analysis.artifact import Analysis, imatrix_beside
 from dq.analysis.policy import Policy
 from dq.errors import BudgetError, PlanError
 from dq.quant.assign import read_source_tensors
@@ -77,9 +77,9 @@ def load_plan_inputs(analysis_path: str | Path) -> PlanInputs:
     adir = path if path.is_dir() else path.parent
     model_dir = resolve_model(analysis.model)
     src = source_gguf(model_dir)
-    im_path = adir / (analysis.imatrix_file or "imatrix.gguf")
-    imatrix = read_imatrix(im_path) if im_path.is_file() else None
-    return PlanInputs(analysis, adir / "analysis.json", model_dir, src, imatrix, im_path if imatrix else None)
+    im_path = imatrix_beside(adir / "analysis.json", analysis.imatrix_file)
+    imatrix = read_imatrix(im_path) if im_path else None
+    return PlanInputs(analysis, adir / "analysis.json", model_dir, src, imatrix, im_path)
 
 
 def make_plan(

@@ -120,6 +120,7 @@ def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
 
 
 def _plan_assignment(args, model: Path, output: Path, src: Path):
+    from dq.analysis.artifact import imatrix_beside
     from dq.quant.assign import assign_types, read_source_tensors
     from dq.quant.plan import QuantPlan
 
@@ -127,10 +128,7 @@ def _plan_assignment(args, model: Path, output: Path, src: Path):
     plan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
     sources = read_source_tensors(src)
     plan.check_model((s.name, s.shape) for s in sources)
-    imatrix_path = args.imatrix
-    if imatrix_path is None and plan.analysis:
-        candidate = Path(plan.analysis).parent / "imatrix.gguf"
-        imatrix_path = candidate if candidate.is_file() else None
+    imatrix_path = args.imatrix or imatrix_beside(plan.analysis)
     return assign_types(sources, explicit=plan.explicit_types()), imatrix_path
 
 

@@ -262,6 +262,7 @@ def build_plan_quant(model: str | Path, plan_path: Path, imatrix: Path | None = 
 
     The imatrix is ``imatrix`` or, by default, the one beside the plan's analysis.
     """
+    from dq.analysis.artifact import imatrix_beside
     from dq.evals.backends import resolve_model_ref
     from dq.export.gguf_quantize import quantize_gguf
     from dq.export.source import source_gguf
@@ -273,8 +274,7 @@ def build_plan_quant(model: str | Path, plan_path: Path, imatrix: Path | None = 
     src = source_gguf(resolve_model_ref(model).path)
     sources = read_source_tensors(src)
     plan.check_model((t.name, t.shape) for t in sources)
-    if imatrix is None and plan.analysis and (Path(plan.analysis).parent / "imatrix.gguf").is_file():
-        imatrix = Path(plan.analysis).parent / "imatrix.gguf"
+    imatrix = imatrix or imatrix_beside(plan.analysis)
     h = hashlib.sha256(Path(plan_path).read_bytes())
     h.update(f"{src.resolve()}:{src.stat().st_size}:{src.stat().st_mtime_ns}:{imatrix}".encode())
     out = (cache_root or cache_dir()) / "evals" / "quants" / f"{Path(src).parent.name}-plan-{h.hexdigest()[:12]}.gguf"
