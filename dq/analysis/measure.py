@@ -107,22 +107,18 @@ def round_trip(w: np.ndarray, fmt: QuantFormat, importance: np.ndarray | None, n
     return libggml.dequantize(blob, fmt, w.shape)
 
 
-# ggml's quantizers for these types ignore the importance weights (quantize_q8_0, quantize_tq1_0 and
-# quantize_tq2_0 call the reference row quantizer), so the kernels are exact for them with an imatrix too.
-_IMATRIX_FREE = (QuantFormat.Q8_0, QuantFormat.TQ1_0, QuantFormat.TQ2_0)
-
-
 def kernel_formats(with_importance: bool = False) -> tuple[QuantFormat, ...]:
     """Stored types the GPU path measures with :func:`dq.kernels.quant_error` (the others use libggml).
 
-    The kernels port ggml's *reference* quantizers; with an imatrix, libggml uses the imatrix-aware
-    ``quantize_row_*_impl`` searches instead, so then only the types whose quantizer ignores the imatrix
-    stay on the kernels. That keeps ``--device cuda`` measuring exactly what llama.cpp writes.
+    The kernels port ggml's *reference* quantizers, and the imatrix-aware ``quantize_row_*_impl`` of
+    Q4_K, Q5_K and Q6_K (Q8_0 and TQ*_0 ignore the imatrix in libggml too). With an imatrix only those
+    types stay on the kernels; the others' imatrix searches run in libggml. That keeps ``--device cuda``
+    measuring exactly what llama.cpp writes.
     """
-    from dq.kernels.ref_quant import FAKE_QUANT_FORMATS
+    from dq.kernels.ref_quant import FAKE_QUANT_FORMATS, IMATRIX_EXACT_FORMATS
 
     if with_importance:
-        return tuple(f for f in FAKE_QUANT_FORMATS if f in _IMATRIX_FREE)
+        return tuple(f for f in FAKE_QUANT_FORMATS if f in IMATRIX_EXACT_FORMATS)
     return FAKE_QUANT_FORMATS
 
 
@@ -296,11 +292,11 @@ class _DeviceMats:
         acc = torch.zeros(5, dtype=torch.float64, device=self.mats[0][0].device) if self.mats else None
         ad = 0.0
         for wt, imt, xt, ysq in self.mats:
-            s = quant_error(wt, stored, imt)
+            s = quant_error(wt, stored, imt, imatrix_quantizer=imt is not None)
             parts = [s["sse"], s["sumsq"]] + ([s["wsse"], s["wsumsq"]] if imt is not None else [s["sse"][:0]] * 2)
             row = [p.to(torch.float64).sum() for p in parts]
             if xt is not None:
-                d = fake_quant(wt, stored).to(torch.float64) - wt.to(torch.float64)
+                d = fake_quant(wt, stored, imt).to(torch.float64) - wt.to(torch.float64)
                 row.append(((xt @ d.T) ** 2).sum())
                 ad += ysq
             else:

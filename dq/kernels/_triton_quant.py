@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from dq.kernels.ref_kquant import KQUANT_PARAMS, qkx2_steps, qx_steps
+from dq.kernels.ref_kquant import KQUANT_IMPL_PARAMS, KQUANT_PARAMS, qkx2_steps, qp_steps, qx_steps
 from dq.quant.formats import FORMATS, QuantFormat
 
 __all__ = ["quant_error_triton", "TRITON_QUANT_FORMATS"]
@@ -172,18 +172,31 @@ def _legacy_kernel(x_ptr, im_ptr, out_ptr, n_per_row,
 
 
 @triton.jit
-def _qkx2(xb, st, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP: tl.constexpr,
-          MAD: tl.constexpr, WABS: tl.constexpr):
-    """make_qkx2_quants, one sub-block per lane; weights |x| (WABS) or av_x + |x|. Returns (scale, -min)."""
+def _wt(xi, qb, i, st, valid, av, WABS: tl.constexpr, IMW: tl.constexpr):
+    # the search weights: qw*sqrt(sigma2 + x^2) (imatrix paths, av = sigma2), |x| (Q2_K) or av_x + |x|
+    if IMW:
+        return tl.load(qb + i * st, mask=valid, other=0.0) * tl.math.sqrt_rn(av + xi * xi)
+    elif WABS:
+        return tl.abs(xi)
+    else:
+        return av + tl.abs(xi)
+
+
+@triton.jit
+def _qkx2(xb, st, valid, steps_ptr, av, qb, SB: tl.constexpr, NMAX: tl.constexpr, NSTEP: tl.constexpr,
+          MAD: tl.constexpr, WABS: tl.constexpr, IMW: tl.constexpr):
+    """make_qkx2_quants / make_qkx3_quants (the same search), one sub-block per lane.
+
+    Weights per :func:`_wt`. Returns (scale, -min, sum of weights)."""
     x0 = tl.load(xb, mask=valid, other=0.0).to(tl.float32)
-    w0 = tl.abs(x0) if WABS else av + tl.abs(x0)
+    w0 = _wt(x0, qb, 0, st, valid, av, WABS, IMW)
     mn = x0
     mx = x0
     sum_w = w0
     sum_x = w0 * x0
     for i in range(1, SB):
         xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
-        wi = tl.abs(xi) if WABS else av + tl.abs(xi)
+        wi = _wt(xi, qb, i, st, valid, av, WABS, IMW)
         mn = tl.minimum(mn, xi)
         mx = tl.maximum(mx, xi)
         sum_w += wi
@@ -195,7 +208,7 @@ def _qkx2(xb, st, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NS
     best = tl.zeros_like(mx)
     for i in range(SB):
         xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
-        wi = tl.abs(xi) if WABS else av + tl.abs(xi)
+        wi = _wt(xi, qb, i, st, valid, av, WABS, IMW)
         lv = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
         diff = (scale * lv + mn) - xi
         diff = tl.abs(diff) if MAD else diff * diff
@@ -208,7 +221,7 @@ def _qkx2(xb, st, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NS
         sum_xl = tl.zeros_like(mx)
         for i in range(SB):
             xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
-            wi = tl.abs(xi) if WABS else av + tl.abs(xi)
+            wi = _wt(xi, qb, i, st, valid, av, WABS, IMW)
             la = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
             wl = wi * la
             sum_l += wl
@@ -224,7 +237,7 @@ def _qkx2(xb, st, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NS
         cur = tl.zeros_like(mx)
         for i in range(SB):
             xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
-            wi = tl.abs(xi) if WABS else av + tl.abs(xi)
+            wi = _wt(xi, qb, i, st, valid, av, WABS, IMW)
             la = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
             diff = (this_scale * la + this_min) - xi
             diff = tl.abs(diff) if MAD else diff * diff
@@ -233,7 +246,7 @@ def _qkx2(xb, st, valid, steps_ptr, av, SB: tl.constexpr, NMAX: tl.constexpr, NS
         best = tl.where(better, cur, best)
         scale = tl.where(better, this_scale, scale)
         mn = tl.where(better, this_min, mn)
-    return tl.where(flat, 0.0, scale), -mn
+    return tl.where(flat, 0.0, scale), -mn, sum_w
 
 
 @triton.jit
@@ -250,8 +263,10 @@ def _first_absmax_seq(xb, st, valid, SB: tl.constexpr):
 
 
 @triton.jit
-def _qx_rmse1(xb, st, valid, steps_ptr, SB: tl.constexpr, NMAX: tl.constexpr):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL), one sub-block per lane; returns the scale."""
+def _qx_rmse1(xb, st, valid, steps_ptr, qb, SB: tl.constexpr, NMAX: tl.constexpr, IMW: tl.constexpr):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw), one sub-block per lane; returns the scale.
+
+    The weights are x*x, or with IMW the importance weights (quantize_row_q6_K_impl)."""
     mx, amax = _first_absmax_seq(xb, st, valid, SB)
     zero = amax < 1e-15
     mxs = tl.where(zero, 1.0, mx)
@@ -261,7 +276,7 @@ def _qx_rmse1(xb, st, valid, steps_ptr, SB: tl.constexpr, NMAX: tl.constexpr):
     for i in range(SB):
         xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
-        w = xi * xi
+        w = tl.load(qb + i * st, mask=valid, other=0.0) if IMW else xi * xi
         sumlx += (w * xi) * lv
         suml2 += (w * lv) * lv
     scale = tl.where(suml2 != 0, _div(sumlx, _safe(suml2)), 0.0)
@@ -273,7 +288,7 @@ def _qx_rmse1(xb, st, valid, steps_ptr, SB: tl.constexpr, NMAX: tl.constexpr):
         for i in range(SB):
             xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
             lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
-            w = xi * xi
+            w = tl.load(qb + i * st, mask=valid, other=0.0) if IMW else xi * xi
             slx += (w * xi) * lv
             sl2 += (w * lv) * lv
         better = (sl2 > 0) & (slx * slx > best * sl2)
@@ -323,6 +338,74 @@ def _q3(xb, st, valid, SB: tl.constexpr):
 
 
 @triton.jit
+def _col(t, jj, i):
+    # column i of a [R, N] tile (one non-zero per row, so the sum is exact)
+    return tl.sum(tl.where(jj == i, t, 0.0), axis=1)
+
+
+@triton.jit
+def _qp(x2, w2, qp_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
+    """make_qp_quants(NSUB, NMAX, x, L, w) per row of an [R, NSUB] tile: (scale [R], L [R, NSUB]).
+
+    L holds C's uint8 values (read-backs wrap modulo 256); the running sums use the unwrapped ints."""
+    jj = tl.arange(0, NSUB)[None, :]
+    mx = tl.maximum(tl.max(x2, axis=1), 0.0)
+    zero = mx < 1e-15
+    mxs = tl.where(zero, 1.0, mx)
+    iscale = _div(tl.zeros_like(mxs) + NMAX, mxs)
+    scale = _div(tl.zeros_like(mxs) + 1.0, iscale)
+    diff = x2 - scale[:, None] * (_rne(iscale[:, None] * x2).to(tl.int32) & 255).to(tl.float32)
+    e = (w2 * diff) * diff
+    best = _col(e, jj, 0)
+    for i in range(1, NSUB):
+        best += _col(e, jj, i)
+    for s in range(8):
+        isc = _div(tl.zeros_like(mxs) + tl.load(qp_ptr + s), mxs)
+        sci = _div(tl.zeros_like(mxs) + 1.0, isc)
+        diff = x2 - sci[:, None] * tl.minimum(_rne(isc[:, None] * x2), NMAX)
+        e = (w2 * diff) * diff
+        mse = _col(e, jj, 0)
+        for i in range(1, NSUB):
+            mse += _col(e, jj, i)
+        better = mse < best
+        best = tl.where(better, mse, best)
+        iscale = tl.where(better, isc, iscale)
+    lint = tl.minimum(_rne(iscale[:, None] * x2), NMAX)
+    wx = w2 * x2
+    t1 = wx * lint
+    t2 = (w2 * lint) * lint
+    sumlx = _col(t1, jj, 0)
+    suml2 = _col(t2, jj, 0)
+    for i in range(1, NSUB):
+        sumlx += _col(t1, jj, i)
+        suml2 += _col(t2, jj, i)
+    lv = (lint.to(tl.int32) & 255).to(tl.float32)
+    active = mx >= 0.0
+    for itry in range(5):
+        changed = mx < 0.0
+        for i in range(NSUB):
+            li = _col(lv, jj, i)
+            wi = _col(w2, jj, i)
+            wxi = _col(wx, jj, i)
+            xi = _col(x2, jj, i)
+            slx = sumlx - wxi * li
+            sl2 = suml2 - (wi * li) * li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = tl.minimum(_rne(_div(xi * sl2, tl.where(ok, slx, 1.0))), NMAX)
+            slx2 = slx + wxi * new_l
+            sl22 = sl2 + (wi * new_l) * new_l
+            take = active & ok & (new_l != li) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+            stored = (new_l.to(tl.int32) & 255).to(tl.float32)
+            lv = tl.where(take[:, None] & (jj == i), stored[:, None], lv)
+            sumlx = tl.where(take, slx2, sumlx)
+            suml2 = tl.where(take, sl22, suml2)
+            changed = changed | take
+        active = active & changed
+    scale = tl.where(suml2 > 0, _div(sumlx, tl.where(suml2 > 0, suml2, 1.0)), 0.0)
+    return tl.where(zero, 0.0, scale), tl.where(zero[:, None], 0.0, lv)
+
+
+@triton.jit
 def _first_absmax_2d(s, NSUB: tl.constexpr):
     a = tl.abs(s)
     amax = tl.max(a, axis=1)
@@ -332,10 +415,13 @@ def _first_absmax_2d(s, NSUB: tl.constexpr):
 
 
 @triton.jit
-def _kquant_kernel(x_ptr, im_ptr, out_ptr, steps_ptr, n_per_row,
-                   KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr):
-    """Q2_K..Q6_K (quantize_row_q*_K_ref): one row per program, NSUPER super-blocks of 256 at a time,
-    one lane per sub-block.
+def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row,
+                   KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr,
+                   IMPL: tl.constexpr):
+    """Q2_K..Q6_K (quantize_row_q*_K_ref, or with IMPL the imatrix-aware quantize_row_q{4,5,6}_K_impl):
+    one row per program, NSUPER super-blocks of 256 at a time, one lane per sub-block.
+
+    ``imt_ptr`` is the imatrix transposed like the rows (IMPL only).
 
     ``x_ptr`` holds each row sub-block-transposed (``[SB, n_per_row // SB]``, see
     :func:`quant_error_triton`): the sequential per-lane scans then read consecutive addresses across a
@@ -355,10 +441,23 @@ def _kquant_kernel(x_ptr, im_ptr, out_ptr, steps_ptr, n_per_row,
         sb_i = c0 + sub
         valid = sb_i < st
         xb = row_ptr + sb_i
+        qb = imt_ptr + sb_i
         zero2 = tl.zeros([NSUPER, NSUB], tl.float32)
         if KIND == 0 or KIND == 2 or KIND == 3:
             if KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
-                sc, mn = _qkx2(xb, st, valid, steps_ptr, 0.0, SB, 3, 15, True, True)
+                sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, 0.0, qb, SB, 3, 15, True, True, False)
+            elif IMPL:  # Q4_K / Q5_K _impl: weights qw*sqrt(sigma2 + x^2), sigma2 = 2*mean(x^2) per 256
+                # C sums the super-block in order, so every lane redoes its super-block's sum
+                sbase = (sb_i // NSUB) * NSUB
+                sum_x2 = tl.zeros([S], tl.float32)
+                for l in range(256):
+                    xl = tl.load(row_ptr + sbase + l // SB + (l % SB) * st, mask=valid, other=0.0).to(tl.float32)
+                    sum_x2 += xl * xl
+                sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
+                if KIND == 2:
+                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, qb, SB, 15, 36, False, False, True)
+                else:
+                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, qb, SB, 31, 36, False, False, True)
             else:  # Q4_K / Q5_K: weights av_x + |x|
                 sum_x2 = tl.zeros([S], tl.float32)
                 for i in range(SB):
@@ -366,14 +465,22 @@ def _kquant_kernel(x_ptr, im_ptr, out_ptr, steps_ptr, n_per_row,
                     sum_x2 += xi * xi
                 av = tl.math.sqrt_rn(_div(sum_x2, tl.zeros_like(sum_x2) + 32.0))
                 if KIND == 2:
-                    sc, mn = _qkx2(xb, st, valid, steps_ptr, av, SB, 15, 20, False, False)
+                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, 15, 20, False, False, False)
                 else:
-                    sc, mn = _qkx2(xb, st, valid, steps_ptr, av, SB, 31, 15, False, False)
+                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, 31, 15, False, False, False)
             sc2 = tl.reshape(sc, [NSUPER, NSUB])
             mn2 = tl.reshape(mn, [NSUPER, NSUB])
             max_scale = tl.maximum(tl.max(sc2, axis=1), 0.0)
             max_min = tl.maximum(tl.max(mn2, axis=1), 0.0)
-            if KIND == 0:
+            if IMPL and KIND != 0:  # make_qp_quants for the 6-bit scales and mins, weighted by sum(w)
+                sw2 = tl.reshape(sw, [NSUPER, NSUB])
+                d_blk, ls = _qp(sc2, sw2, qp_ptr, NSUB, 63)
+                m_blk, lm = _qp(mn2, sw2, qp_ptr, NSUB, 63)
+                d2 = _fp16(d_blk)[:, None] * tl.minimum(ls, 63.0)
+                dm2 = _fp16(m_blk)[:, None] * tl.minimum(lm, 63.0)
+                NMIN: tl.constexpr = 0
+                NTOP: tl.constexpr = 15 if KIND == 2 else 31
+            elif KIND == 0:
                 has_s = max_scale > 0
                 has_m = max_min > 0
                 ls = _rne(_div(tl.zeros_like(max_scale) + 15.0, _safe(max_scale))[:, None] * sc2)
@@ -409,7 +516,7 @@ def _kquant_kernel(x_ptr, im_ptr, out_ptr, steps_ptr, n_per_row,
             NMIN: tl.constexpr = -4
             NTOP: tl.constexpr = 3
         else:  # Q6_K: make_qx_quants(16, 32, rmse_type 1), int8 scales against the first largest |scale|
-            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, SB, 32), [NSUPER, NSUB])
+            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, qb, SB, 32, IMPL), [NSUPER, NSUB])
             max_scale, amax = _first_absmax_2d(sc2, NSUB)
             has = amax >= 1e-15
             iscale = _div(tl.zeros_like(max_scale) - 128.0, tl.where(has, max_scale, 1.0))
@@ -440,17 +547,24 @@ def _kquant_kernel(x_ptr, im_ptr, out_ptr, steps_ptr, n_per_row,
 
 
 @functools.cache
-def _steps(fmt: QuantFormat, device: str) -> torch.Tensor:
-    if fmt in KQUANT_PARAMS:
-        _, nmax, rmin, rdelta, nstep, _ = KQUANT_PARAMS[fmt]
+def _steps(fmt: QuantFormat, device: str, impl: bool = False) -> torch.Tensor:
+    params = KQUANT_IMPL_PARAMS if impl and fmt in KQUANT_IMPL_PARAMS else KQUANT_PARAMS
+    if fmt in params:
+        _, nmax, rmin, rdelta, nstep, _ = params[fmt]
         arr = qkx2_steps(nmax, rmin, rdelta, nstep)
     else:
         arr = qx_steps(32)
     return torch.from_numpy(arr).to(device)
 
 
+@functools.cache
+def _qp_steps(device: str) -> torch.Tensor:
+    return torch.from_numpy(qp_steps(63)).to(device)
+
+
 def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None, *,
-                       tile: int | None = None, num_warps: int | None = None) -> dict[str, torch.Tensor]:
+                       imatrix_quantizer: bool = False, tile: int | None = None,
+                       num_warps: int | None = None) -> dict[str, torch.Tensor]:
     """Per-row ``sse``/``wsse``/``sumsq``/``wsumsq`` of ``weight`` fake-quantized as ``fmt``, in one pass.
 
     One kernel launch: each program owns one row and loops over it, so no partial sums are written
@@ -461,12 +575,18 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
             ``TRITON_INTERPRET=1``); 16-bit weights are widened in registers, never copied.
         fmt: one of :data:`TRITON_QUANT_FORMATS`.
         imatrix: optional ``[n_per_row]`` importance weights.
+        imatrix_quantizer: quantize as libggml does with this imatrix (``quantize_row_*_impl``), for
+            :data:`~dq.kernels.ref_kquant.IMATRIX_K_FORMATS`; Q8_0/TQ*_0 ignore the imatrix in libggml too.
         tile: blocks (legacy types) or super-blocks (K-quants) per loop step; tuning only.
         num_warps: warps per program; tuning only.
 
     Returns:
         dict of float32 ``[rows]`` tensors, as :func:`dq.kernels.ref_quant.error_sums`.
     """
+    from dq.kernels.ref_quant import IMATRIX_EXACT_FORMATS
+
+    if imatrix_quantizer and imatrix is not None and fmt not in IMATRIX_EXACT_FORMATS:
+        raise ValueError(f"no imatrix-aware kernel for {fmt}; ported: {[f.value for f in IMATRIX_EXACT_FORMATS]}")
     x = weight if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.to(torch.float32)
     x = x.contiguous()
     rows, n = x.shape
@@ -484,10 +604,13 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
     else:
         sb = 32 if fmt in (QuantFormat.Q4_K, QuantFormat.Q5_K) else 16
         nsuper = tile or 8
+        impl = imatrix_quantizer and imatrix is not None
         xt = x.view(rows, n // sb, sb).transpose(1, 2).contiguous()  # one extra pass, ~1% of the kernel's time
+        imt = im.view(n // sb, sb).t().contiguous() if impl else im
+        dev = str(x.device)
         _kquant_kernel[(rows,)](
-            xt, im, out, _steps(fmt, str(x.device)), n, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper,
-            HAS_IM=imatrix is not None, num_warps=num_warps or max(1, nsuper * (256 // sb) // 32),
+            xt, im, imt, out, _steps(fmt, dev, impl), _qp_steps(dev), n, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper,
+            HAS_IM=imatrix is not None, IMPL=impl, num_warps=num_warps or max(1, nsuper * (256 // sb) // 32),
             enable_fp_fusion=False,
         )
     return {"sse": out[:, 0], "wsse": out[:, 1], "sumsq": out[:, 2], "wsumsq": out[:, 3]}

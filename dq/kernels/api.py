@@ -83,15 +83,19 @@ def quant_error(
     fmt: QuantFormat | FormatSpec,
     imatrix: torch.Tensor | None = None,
     backend: Backend = "auto",
+    *,
+    imatrix_quantizer: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-row error of storing ``weight`` as ``fmt`` (ggml's reference quantizer, fake-quantized).
+    """Per-row error of storing ``weight`` as ``fmt`` (ggml's quantizer, fake-quantized).
 
     Args:
         weight: ``[rows, n_per_row]`` float tensor; ``n_per_row`` a multiple of the type's block size.
         fmt: the candidate type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K).
-        imatrix: optional ``[n_per_row]`` importance weights; they weight the error (the quantizer stays
-            the no-imatrix one, see :func:`dq.kernels.ref_quant.quant_error`).
+        imatrix: optional ``[n_per_row]`` importance weights; they weight the error.
         backend: ``auto``, ``triton`` or ``torch``.
+        imatrix_quantizer: also quantize with the imatrix as libggml does (``quantize_row_*_impl``); only
+            for :data:`dq.kernels.ref_quant.IMATRIX_EXACT_FORMATS`. Off: ggml's reference (no-imatrix)
+            quantizer, see :func:`dq.kernels.ref_quant.quant_error`.
 
     Returns:
         ``{"sse", "wsse", "sumsq", "wsumsq"}``, float32 ``[rows]`` tensors on ``weight.device``.
@@ -114,10 +118,10 @@ def quant_error(
     if resolve_backend(backend, weight.device, True) == "triton":
         from dq.kernels._triton_quant import quant_error_triton
 
-        return quant_error_triton(weight, f, imatrix)
+        return quant_error_triton(weight, f, imatrix, imatrix_quantizer=imatrix_quantizer)
     from dq.kernels.ref_quant import quant_error as ref
 
-    return ref(weight, f, imatrix)
+    return ref(weight, f, imatrix, imatrix_quantizer=imatrix_quantizer)
 
 
 def dequantize(

@@ -18,7 +18,8 @@ import torch
 from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv
 from dq.quant.formats import QuantFormat
 
-__all__ = ["fake_quant_k", "qkx2_steps", "qx_steps", "KQUANT_PARAMS", "GROUP_MAX_EPS"]
+__all__ = ["fake_quant_k", "fake_quant_k_imatrix", "qkx2_steps", "qx_steps", "qp_steps", "KQUANT_PARAMS",
+           "KQUANT_IMPL_PARAMS", "IMATRIX_K_FORMATS", "GROUP_MAX_EPS"]
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c GROUP_MAX_EPS
 
@@ -28,6 +29,15 @@ KQUANT_PARAMS: dict[QuantFormat, tuple[int, int, float, float, int, bool]] = {
     QuantFormat.Q4_K: (32, 15, -1.0, 0.1, 20, False),
     QuantFormat.Q5_K: (32, 31, -0.5, 0.1, 15, False),
 }
+
+
+# (sub-block size, nmax, rmin, rdelta, nstep, use_mad) of make_qkx3_quants in the imatrix (_impl) paths.
+KQUANT_IMPL_PARAMS: dict[QuantFormat, tuple[int, int, float, float, int, bool]] = {
+    QuantFormat.Q4_K: (32, 15, -0.9, 0.05, 36, False),
+    QuantFormat.Q5_K: (32, 31, -0.9, 0.05, 36, False),
+}
+# K-quants whose imatrix-aware quantizer (quantize_row_*_impl) is ported here and in the Triton kernels.
+IMATRIX_K_FORMATS = (QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K)
 
 
 def qkx2_steps(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
@@ -40,6 +50,17 @@ def qx_steps(nmax: int) -> np.ndarray:
     """float32 numerators ``-(nmax + 0.1f*is)`` for ``is = -9..9, is != 0`` (make_qx_quants)."""
     f = np.float32
     return np.array([-(f(nmax) + f(0.1) * f(i)) for i in range(-9, 10) if i != 0], dtype=np.float32)
+
+
+def qp_steps(nmax: int) -> np.ndarray:
+    """float32 numerators ``0.1f*is + nmax`` for ``is = -4..4, is != 0`` (make_qp_quants)."""
+    f = np.float32
+    return np.array([f(0.1) * f(i) + f(nmax) for i in range(-4, 5) if i != 0], dtype=np.float32)
+
+
+def _sqrt_rn(t: torch.Tensor) -> torch.Tensor:
+    # sqrtf is correctly rounded; torch's float32 sqrt is not always, float64 then float32 is
+    return torch.sqrt(t.double()).float()
 
 
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
@@ -130,12 +151,14 @@ def _make_q3(x: torch.Tensor, nmax: int) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(scale), scale)
 
 
-def _make_qx_rmse1(x: torch.Tensor, nmax: int) -> torch.Tensor:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) over rows of ``x``; returns the scale."""
+def _make_qx_rmse1(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) over rows of ``x``; returns the scale.
+
+    Without ``qw`` the weights are ``x*x`` (the reference path), with it the importance weights."""
     mx, amax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x
+    w = x * x if qw is None else qw
     wx = w * x
 
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +175,87 @@ def _make_qx_rmse1(x: torch.Tensor, nmax: int) -> torch.Tensor:
         scale = torch.where(better, new_scale, scale)
         best = torch.where(better, scale * slx, best)
     return torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qp_quants(n, nmax, x, L, w) over rows of ``x`` ``[B, n]``: returns ``(scale, L)``.
+
+    ``L`` is C's ``uint8_t`` array, so values read back from it wrap modulo 256; the running sums use
+    the unwrapped ints, as the C code does.
+    """
+    mx = torch.clamp(x.amax(dim=1), min=0.0)
+    zero = mx < GROUP_MAX_EPS
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    n = x.shape[1]
+
+    def wsse(scale: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        diff = x - scale[:, None] * lv
+        return _seq_sum((w * diff) * diff)
+
+    iscale = rdiv(float(nmax), mxs)
+    best = wsse(rdiv(1.0, iscale), torch.remainder(nearest_int(iscale[:, None] * x), 256))
+    for num in qp_steps(nmax):
+        isc = rdiv(float(num), mxs)
+        mse = wsse(rdiv(1.0, isc), torch.clamp(nearest_int(isc[:, None] * x), max=nmax))
+        better = mse < best
+        best = torch.where(better, mse, best)
+        iscale = torch.where(better, isc, iscale)
+    lint = torch.clamp(nearest_int(iscale[:, None] * x), max=nmax)
+    wx = w * x
+    sumlx = _seq_sum(wx * lint)
+    suml2 = _seq_sum((w * lint) * lint)
+    lv = torch.remainder(lint, 256)
+    active = torch.ones_like(zero)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(n):
+            li, wi, wxi, xi = lv[:, i], w[:, i], wx[:, i], x[:, i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - (wi * li) * li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = torch.clamp(nearest_int((xi * sl2) / torch.where(ok, slx, torch.ones_like(slx))), max=nmax)
+            slx2 = slx + wxi * new_l
+            sl22 = sl2 + (wi * new_l) * new_l
+            take = active & ok & (new_l != li) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+            lv[:, i] = torch.where(take, torch.remainder(new_l, 256), li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+            changed = changed | take
+        active = active & changed  # `if (!n_changed) break;`, per row
+        if not bool(active.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], torch.zeros_like(lv), lv)
+
+
+def _requant_min(b: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, nsub: int, sb: int, nmax: int) -> torch.Tensor:
+    # every weight re-rounded against its sub-block's (d, dm); `if (!d) continue;` keeps the search's L,
+    # but d*L - dm is then -dm whatever L is
+    xs = b.reshape(-1, nsub, sb)
+    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
+    lv = torch.clamp(nearest_int((xs + dm[..., None]) / ds), 0, nmax)
+    return (d[..., None] * lv - dm[..., None]).reshape(b.shape)
+
+
+def _min_max_k_imatrix(b: torch.Tensor, fmt: QuantFormat, qw: torch.Tensor) -> torch.Tensor:
+    # quantize_row_q4_K_impl / q5_K_impl: weights qw*sqrt(sigma2 + x^2) with sigma2 = 2*mean(x^2) of the
+    # super-block, make_qkx3_quants per 32, then 6-bit scales and mins by make_qp_quants weighted by
+    # each sub-block's sum of weights
+    sb, nmax, rmin, rdelta, nstep, mad = KQUANT_IMPL_PARAMS[fmt]
+    nsub = 256 // sb
+    sigma2 = sdiv(2.0 * _seq_sum(b * b), 256.0)
+    x = b.reshape(-1, sb)
+    w = qw.reshape(-1, sb) * _sqrt_rn(sigma2.repeat_interleave(nsub)[:, None] + x * x)
+    sw = _seq_sum(w).reshape(-1, nsub)
+    sc, mn = _make_qkx2(x, w, nmax, rmin, rdelta, nstep, mad)  # make_qkx3_quants: the same search
+    d_block, ls = _make_qp(sc.reshape(-1, nsub), 63, sw)
+    m_block, lm = _make_qp(mn.reshape(-1, nsub), 63, sw)
+    # Q5_K clamps MIN(63, L); Q4_K stores L as is, which only differs when a scale is negative (never
+    # seen; the 6-bit field then decodes to L & 63 with polluted high bits)
+    ls, lm = torch.clamp(ls, max=63), torch.clamp(lm, max=63)
+    d = fp16_round(d_block)[:, None] * ls
+    dm = fp16_round(m_block)[:, None] * lm
+    return _requant_min(b, d, dm, nsub, sb, nmax)
 
 
 def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> torch.Tensor:
@@ -171,11 +275,7 @@ def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> torch.Tensor:
     lm = torch.clamp(torch.remainder(nearest_int(inv_m[:, None] * mn), 256), max=63)
     d = fp16_round(sdiv(max_scale, 63.0))[:, None] * ls
     dm = fp16_round(sdiv(max_min, 63.0))[:, None] * lm
-    xs = b.reshape(-1, nsub, sb)
-    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
-    lv = torch.clamp(nearest_int((xs + dm[..., None]) / ds), 0, nmax)
-    # `if (!d) continue;` keeps the search's L, but d*L - dm is then -dm whatever L is
-    return (d[..., None] * lv - dm[..., None]).reshape(b.shape)
+    return _requant_min(b, d, dm, nsub, sb, nmax)
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -218,9 +318,10 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     return (d[..., None] * lv).reshape(b.shape)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
-    # quantize_row_q6_K_ref: make_qx_quants(16, 32, rmse_type 1), 8-bit scales against the largest-|.| one
-    sc = _make_qx_rmse1(b.reshape(-1, 16), 32).reshape(-1, 16)
+def _q6_k(b: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    # quantize_row_q6_K_ref: make_qx_quants(16, 32, rmse_type 1), 8-bit scales against the largest-|.| one;
+    # quantize_row_q6_K_impl is the same with the importance weights in the search
+    sc = _make_qx_rmse1(b.reshape(-1, 16), 32, None if qw is None else qw.reshape(-1, 16)).reshape(-1, 16)
     max_scale, max_abs = first_absmax(sc)
     has = max_abs >= GROUP_MAX_EPS
     iscale = rdiv(-128.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
@@ -252,3 +353,24 @@ def fake_quant_k(blocks: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     if fmt is QuantFormat.Q6_K:
         return _q6_k(blocks)
     raise ValueError(f"{fmt} is not a K-quant with a reference port")
+
+
+def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize super-blocks as libggml does *with* an imatrix (``quantize_row_<fmt>_impl``).
+
+    Args:
+        blocks: ``[n_blocks, 256]`` float32, consecutive blocks of whole rows.
+        fmt: one of :data:`IMATRIX_K_FORMATS`.
+        imatrix: ``[n_per_row]`` importance weights (row length a multiple of 256).
+
+    Returns:
+        float32 ``[n_blocks, 256]``, bit-exact with ``libggml.quantize(w, fmt, imatrix)``.
+    """
+    per_row = imatrix.numel() // 256
+    qw = imatrix.to(device=blocks.device, dtype=torch.float32).reshape(1, per_row, 256)
+    qw = qw.expand(blocks.shape[0] // per_row, per_row, 256).reshape(-1, 256)
+    if fmt in KQUANT_IMPL_PARAMS:
+        return _min_max_k_imatrix(blocks, fmt, qw)
+    if fmt is QuantFormat.Q6_K:
+        return _q6_k(blocks, qw)
+    raise ValueError(f"no imatrix-aware port of {fmt}; ported: {[f.value for f in IMATRIX_K_FORMATS]}")

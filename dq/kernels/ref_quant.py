@@ -26,6 +26,7 @@ from dq.quant.formats import FORMATS, QuantFormat
 
 __all__ = [
     "FAKE_QUANT_FORMATS",
+    "IMATRIX_EXACT_FORMATS",
     "fake_quant",
     "quant_error",
     "error_sums",
@@ -51,6 +52,13 @@ FAKE_QUANT_FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat.Q4_K,
     QuantFormat.Q5_K,
     QuantFormat.Q6_K,
+)
+
+
+# Types whose quantization *with an imatrix* is ported bit-exactly: libggml ignores the imatrix for
+# Q8_0/TQ1_0/TQ2_0, and the imatrix-aware quantize_row_q{4,5,6}_K_impl are ported in ref_kquant.
+IMATRIX_EXACT_FORMATS: tuple[QuantFormat, ...] = (
+    QuantFormat.Q8_0, QuantFormat.TQ1_0, QuantFormat.TQ2_0, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K,
 )
 
 
@@ -137,12 +145,14 @@ def _tq(b: torch.Tensor) -> torch.Tensor:
     return q * fp16_round(d)[:, None]
 
 
-def fake_quant(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+def fake_quant(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize ``weight`` as ggml's reference quantizer for ``fmt`` would.
 
     Args:
         weight: ``[rows, n_per_row]`` float tensor (converted to float32), on any device.
         fmt: one of :data:`FAKE_QUANT_FORMATS`; ``n_per_row`` must be a multiple of its block size.
+        imatrix: quantize as libggml does with this ``[n_per_row]`` imatrix (its ``quantize_row_*_impl``);
+            only for :data:`IMATRIX_EXACT_FORMATS`.
 
     Returns:
         float32 tensor of ``weight``'s shape, equal bit for bit to
@@ -160,6 +170,14 @@ def fake_quant(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     if x.shape[1] % bs:
         raise ValueError(f"row length {x.shape[1]} is not a multiple of {fmt}'s block size {bs}")
     b = x.reshape(-1, bs)
+    if imatrix is not None:
+        if fmt not in IMATRIX_EXACT_FORMATS:
+            raise ValueError(f"no imatrix-aware port of {fmt}'s quantizer; ported: "
+                             f"{[f.value for f in IMATRIX_EXACT_FORMATS]} (libggml measures the others)")
+        if fmt.value.endswith("_K"):
+            from dq.kernels.ref_kquant import fake_quant_k_imatrix
+
+            return fake_quant_k_imatrix(b, fmt, imatrix.reshape(-1)).reshape(x.shape)
     if fmt is QuantFormat.Q8_0:
         out = _q8_0(b)
     elif fmt is QuantFormat.Q4_0:
@@ -206,14 +224,14 @@ def error_sums(
 
 
 def quant_error(
-    weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None
+    weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None, *, imatrix_quantizer: bool = False
 ) -> dict[str, torch.Tensor]:
     """Reference per-row quantization error of ``weight`` stored as ``fmt``.
 
-    The quantizer is always ggml's reference (no-imatrix) one; ``imatrix`` only weights the error.
-    llama.cpp's ``quantize_row_*_impl`` paths, used when an imatrix is given, search scales under the
-    importance weights and so give a slightly lower weighted error (measured in
-    ``tests/kernels/test_kernels_ref_quant.py``).
+    By default the quantizer is ggml's reference (no-imatrix) one and ``imatrix`` only weights the error.
+    With ``imatrix_quantizer`` it is libggml's imatrix-aware ``quantize_row_*_impl`` (ported for
+    :data:`IMATRIX_EXACT_FORMATS`), i.e. exactly what llama.cpp writes with that imatrix; the other
+    types' imatrix search lowers the weighted error by a bounded factor (``tests/kernels/test_kernels_ref.py``).
 
     Args:
         weight: ``[rows, n_per_row]`` float tensor.
@@ -223,4 +241,5 @@ def quant_error(
     Returns:
         dict of per-row float32 tensors, see :func:`error_sums`.
     """
-    return error_sums(weight, fake_quant(weight, fmt), imatrix)
+    deq = fake_quant(weight, fmt, imatrix if imatrix_quantizer else None)
+    return error_sums(weight, deq, imatrix)

@@ -78,3 +78,23 @@ def test_act_stats_kernel_matches_reference(dtype):
     assert int(got["count"]) == int(want["count"]) == 111
     torch.testing.assert_close(got["sum_sq"].cpu(), want["sum_sq"], rtol=1e-5, atol=1e-5)
     assert torch.equal(got["max_abs"].cpu(), want["max_abs"])
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K, QuantFormat.Q8_0], ids=str)
+def test_imatrix_quantizer_kernels_match_libggml(fmt):
+    """imatrix_quantizer=True: the kernel quantizes as libggml's quantize_row_*_impl; its error sums equal
+    those of libggml's own bytes with that imatrix."""
+    shape = (4, 1024) if CUDA else (2, 512)
+    w = make_weights(*shape, seed=11) if shape[0] > 3 else make_weights(3, shape[1], seed=11)[:2].copy()
+    im = (np.random.default_rng(12).random(shape[1]) ** 4 + 1e-3).astype(np.float32)
+    deq = libggml.dequantize(libggml.quantize(w, fmt, im), fmt, w.shape)
+    from dq.kernels.ref_quant import error_sums
+
+    want = error_sums(torch.from_numpy(w), torch.from_numpy(deq), torch.from_numpy(im))
+    got = quant_error(torch.from_numpy(w).to(DEV), fmt, torch.from_numpy(im).to(DEV), backend="triton",
+                      imatrix_quantizer=True)
+    for k in want:
+        torch.testing.assert_close(got[k].cpu(), want[k], rtol=1e-5, atol=1e-12, msg=f"{fmt} {k}")
+    with pytest.raises(ValueError, match="no imatrix-aware kernel for Q5_0"):
+        quant_error(torch.from_numpy(w).to(DEV), QuantFormat.Q5_0, torch.from_numpy(im).to(DEV), backend="triton",
+                    imatrix_quantizer=True)
