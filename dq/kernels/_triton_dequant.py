@@ -58,6 +58,7 @@ def _scale_min_k4(p, base, js, mask):
 @triton.jit
 def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
                     BLOCK: tl.constexpr):
+    # elementwise types; Q3_K, Q4_K, Q5_K and TQ1_0 run in _dequant_sub_kernel
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < n_elem
     b = (e // QK) * TS
@@ -89,27 +90,6 @@ def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr,
         dl = _f16(src, b + 80, mask) * (sc & 0xF).to(tl.float32)
         ml = _f16(src, b + 82, mask) * (sc >> 4).to(tl.float32)
         y = dl * q.to(tl.float32) - ml
-    elif KIND == 6:  # Q3_K: hmask[32] qs[64] scales[12] d
-        r = j % 128
-        n128 = j // 128
-        l = r % 32
-        q = (_u8(src, b + 32 + n128 * 32 + l, mask) >> ((r // 32) * 2)) & 3
-        hm = (_u8(src, b + l, mask) >> (n128 * 4 + r // 32)) & 1
-        js = j // 16
-        low = (_u8(src, b + 96 + js % 8, mask) >> ((js // 8) * 4)) & 0xF
-        high = (_u8(src, b + 104 + js % 4, mask) >> ((js // 4) * 2)) & 3
-        dl = _f16(src, b + 108, mask) * ((low | (high << 4)) - 32).to(tl.float32)
-        y = dl * (q - tl.where(hm != 0, 0, 4)).to(tl.float32)
-    elif KIND == 7 or KIND == 8:  # Q4_K / Q5_K: d dmin scales[12] (qh[32]) qs[128]
-        c64 = j // 64
-        r = j % 64
-        js = c64 * 2 + r // 32
-        qoff: tl.constexpr = 16 if KIND == 7 else 48
-        q = (_u8(src, b + qoff + c64 * 32 + r % 32, mask) >> ((r // 32) * 4)) & 0xF
-        if KIND == 8:
-            q = q | (((_u8(src, b + 16 + r % 32, mask) >> js) & 1) << 4)
-        sc, m = _scale_min_k4(src, b + 4, js, mask)
-        y = (_f16(src, b, mask) * sc) * q.to(tl.float32) - _f16(src, b + 2, mask) * m
     elif KIND == 9:  # Q6_K: ql[128] qh[64] scales[16] d
         n128 = j // 128
         r = j % 128
@@ -133,23 +113,12 @@ def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr,
         dl = _f16(src, b, mask) * ((ls | (hs << 4)) - 32).to(tl.float32)
         q = (_u8(src, b + 8 + ib * 16 + r % 16, mask) >> ((r // 16) * 4)) & 0xF
         y = dl * tl.load(tbl + q, mask=mask, other=0.0)
-    elif KIND == 13:  # MXFP4: e8m0 exponent, then nibbles into kvalues_mxfp4
+    else:  # MXFP4 (KIND 13): e8m0 exponent, then nibbles into kvalues_mxfp4
         ex = _u8(src, b, mask)
         bits = tl.where(ex < 2, 0x00200000 << ex, (ex - 1) << 23)
         d = bits.to(tl.float32, bitcast=True)
         q = (_u8(src, b + 1 + (j % 16), mask) >> ((j // 16) * 4)) & 0xF
         y = d * tl.load(tbl + q, mask=mask, other=0.0)
-    else:  # TQ1_0: qs[48] qh[4] d; base-3 digits recovered as (uint8(q * 3^n) * 3) >> 8
-        in_a = j < 160
-        in_b = (j >= 160) & (j < 240)
-        ra = j
-        rb = j - 160
-        rc = j - 240
-        off = tl.where(in_a, ra % 32, tl.where(in_b, 32 + rb % 16, 48 + rc % 4))
-        n = tl.where(in_a, ra // 32, tl.where(in_b, rb // 16, rc // 4))
-        p3 = tl.where(n == 0, 1, tl.where(n == 1, 3, tl.where(n == 2, 9, tl.where(n == 3, 27, 81))))
-        q = (_u8(src, b + off, mask) * p3) & 0xFF
-        y = (((q * 3) >> 8) - 1).to(tl.float32) * _f16(src, b + 52, mask)
     tl.store(dst + e, y.to(dst.dtype.element_ty), mask=mask)
 
 
