@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -418,7 +419,7 @@ def _first_absmax_2d(s, NSUB: tl.constexpr):
 def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row,
                    KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr,
                    IMPL: tl.constexpr):
-    """Q2_K..Q6_K (quantize_row_q*_K_ref, or with IMPL the imatrix-aware quantize_row_q{4,5,6}_K_impl):
+    """Q2_K..Q6_K (quantize_row_q*_K_ref, or with IMPL the imatrix-aware quantize_row_q{2,4,5,6}_K_impl):
     one row per program, NSUPER super-blocks of 256 at a time, one lane per sub-block.
 
     ``imt_ptr`` is the imatrix transposed like the rows (IMPL only).
@@ -444,20 +445,25 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row
         qb = imt_ptr + sb_i
         zero2 = tl.zeros([NSUPER, NSUB], tl.float32)
         if KIND == 0 or KIND == 2 or KIND == 3:
-            if KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
-                sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, 0.0, qb, SB, 3, 15, True, True, False)
-            elif IMPL:  # Q4_K / Q5_K _impl: weights qw*sqrt(sigma2 + x^2), sigma2 = 2*mean(x^2) per 256
+            if IMPL:  # Q2_K / Q4_K / Q5_K _impl: weights qw*sqrt(sigma2 + x^2), sigma2 = (2*)mean(x^2) per 256
                 # C sums the super-block in order, so every lane redoes its super-block's sum
                 sbase = (sb_i // NSUB) * NSUB
                 sum_x2 = tl.zeros([S], tl.float32)
                 for l in range(256):
                     xl = tl.load(row_ptr + sbase + l // SB + (l % SB) * st, mask=valid, other=0.0).to(tl.float32)
                     sum_x2 += xl * xl
-                sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
-                if KIND == 2:
+                if KIND == 0:
+                    sigma2 = _div(sum_x2, tl.zeros_like(sum_x2) + 256.0)
+                else:
+                    sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
+                if KIND == 0:
+                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, qb, SB, 3, 36, False, False, True)
+                elif KIND == 2:
                     sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, qb, SB, 15, 36, False, False, True)
                 else:
                     sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, qb, SB, 31, 36, False, False, True)
+            elif KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
+                sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, 0.0, qb, SB, 3, 15, True, True, False)
             else:  # Q4_K / Q5_K: weights av_x + |x|
                 sum_x2 = tl.zeros([S], tl.float32)
                 for i in range(SB):
@@ -472,7 +478,16 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row
             mn2 = tl.reshape(mn, [NSUPER, NSUB])
             max_scale = tl.maximum(tl.max(sc2, axis=1), 0.0)
             max_min = tl.maximum(tl.max(mn2, axis=1), 0.0)
-            if IMPL and KIND != 0:  # make_qp_quants for the 6-bit scales and mins, weighted by sum(w)
+            if IMPL and KIND == 0:  # make_qp_quants for the 4-bit scales and mins, weighted by sum(w)
+                sw2 = tl.reshape(sw, [NSUPER, NSUB])
+                d_blk, ls = _qp(sc2, sw2, qp_ptr + 8, NSUB, 15)
+                m_blk, lm = _qp(mn2, sw2, qp_ptr + 8, NSUB, 15)
+                packed = (ls.to(tl.int32) | (lm.to(tl.int32) << 4)) & 255  # scales[j] = Ls[j] | (Lm[j] << 4)
+                d2 = _fp16(d_blk)[:, None] * (packed & 15).to(tl.float32)
+                dm2 = _fp16(m_blk)[:, None] * (packed >> 4).to(tl.float32)
+                NMIN: tl.constexpr = 0
+                NTOP: tl.constexpr = 3
+            elif IMPL:  # make_qp_quants for the 6-bit scales and mins, weighted by sum(w)
                 sw2 = tl.reshape(sw, [NSUPER, NSUB])
                 d_blk, ls = _qp(sc2, sw2, qp_ptr, NSUB, 63)
                 m_blk, lm = _qp(mn2, sw2, qp_ptr, NSUB, 63)
@@ -559,7 +574,8 @@ def _steps(fmt: QuantFormat, device: str, impl: bool = False) -> torch.Tensor:
 
 @functools.cache
 def _qp_steps(device: str) -> torch.Tensor:
-    return torch.from_numpy(qp_steps(63)).to(device)
+    # make_qp_quants' numerators for nmax 63 (Q4_K/Q5_K), then for nmax 15 (Q2_K) at offset 8
+    return torch.from_numpy(np.concatenate([qp_steps(63), qp_steps(15)])).to(device)
 
 
 def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None, *,

@@ -33,11 +33,12 @@ KQUANT_PARAMS: dict[QuantFormat, tuple[int, int, float, float, int, bool]] = {
 
 # (sub-block size, nmax, rmin, rdelta, nstep, use_mad) of make_qkx3_quants in the imatrix (_impl) paths.
 KQUANT_IMPL_PARAMS: dict[QuantFormat, tuple[int, int, float, float, int, bool]] = {
+    QuantFormat.Q2_K: (16, 3, -0.9, 0.05, 36, False),
     QuantFormat.Q4_K: (32, 15, -0.9, 0.05, 36, False),
     QuantFormat.Q5_K: (32, 31, -0.9, 0.05, 36, False),
 }
 # K-quants whose imatrix-aware quantizer (quantize_row_*_impl) is ported here and in the Triton kernels.
-IMATRIX_K_FORMATS = (QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K)
+IMATRIX_K_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K)
 
 
 def qkx2_steps(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
@@ -258,6 +259,23 @@ def _min_max_k_imatrix(b: torch.Tensor, fmt: QuantFormat, qw: torch.Tensor) -> t
     return _requant_min(b, d, dm, nsub, sb, nmax)
 
 
+def _q2_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    # quantize_row_q2_K_impl: weights qw*sqrt(sigma2 + x^2) with sigma2 = mean(x^2) of the super-block,
+    # make_qkx3_quants per 16 (squared error), then 4-bit scales and mins by make_qp_quants
+    sb, nmax, rmin, rdelta, nstep, mad = KQUANT_IMPL_PARAMS[QuantFormat.Q2_K]
+    sigma2 = sdiv(_seq_sum(b * b), 256.0)
+    x = b.reshape(-1, sb)
+    w = qw.reshape(-1, sb) * _sqrt_rn(sigma2.repeat_interleave(16)[:, None] + x * x)
+    sw = _seq_sum(w).reshape(-1, 16)
+    sc, mn = _make_qkx2(x, w, nmax, rmin, rdelta, nstep, mad)
+    d_block, ls = _make_qp(sc.reshape(-1, 16), 15, sw)
+    m_block, lm = _make_qp(mn.reshape(-1, 16), 15, sw)
+    packed = (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF  # y[i].scales[j] = Ls[j] | (Lm[j] << 4)
+    d = fp16_round(d_block)[:, None] * (packed & 0xF).to(torch.float32)
+    dm = fp16_round(m_block)[:, None] * (packed >> 4).to(torch.float32)
+    return _requant_min(b, d, dm, 16, sb, nmax)
+
+
 def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> torch.Tensor:
     # quantize_row_q4_K_ref / q5_K_ref: weights av_x + |x|, 6-bit scales and mins against the super-block max
     sb, nmax, rmin, rdelta, nstep, mad = KQUANT_PARAMS[fmt]
@@ -369,6 +387,8 @@ def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.
     per_row = imatrix.numel() // 256
     qw = imatrix.to(device=blocks.device, dtype=torch.float32).reshape(1, per_row, 256)
     qw = qw.expand(blocks.shape[0] // per_row, per_row, 256).reshape(-1, 256)
+    if fmt is QuantFormat.Q2_K:
+        return _q2_k_imatrix(blocks, qw)
     if fmt in KQUANT_IMPL_PARAMS:
         return _min_max_k_imatrix(blocks, fmt, qw)
     if fmt is QuantFormat.Q6_K:
