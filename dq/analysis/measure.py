@@ -111,7 +111,7 @@ def kernel_formats(with_importance: bool = False) -> tuple[QuantFormat, ...]:
     """Stored types the GPU path measures with :func:`dq.kernels.quant_error` (the others use libggml).
 
     The kernels port ggml's *reference* quantizers, and the imatrix-aware ``quantize_row_*_impl`` of
-    Q2_K, Q4_K, Q5_K and Q6_K (Q8_0 and TQ*_0 ignore the imatrix in libggml too). With an imatrix only
+    the K-quants Q2_K..Q6_K (Q8_0 and TQ*_0 ignore the imatrix in libggml too). With an imatrix only
     those types stay on the kernels; the others' imatrix searches run in libggml. That keeps
     ``--device cuda`` measuring exactly what llama.cpp writes.
     """

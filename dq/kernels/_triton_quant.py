@@ -264,10 +264,21 @@ def _first_absmax_seq(xb, st, valid, SB: tl.constexpr):
 
 
 @triton.jit
-def _qx_rmse1(xb, st, valid, steps_ptr, qb, SB: tl.constexpr, NMAX: tl.constexpr, IMW: tl.constexpr):
+def _qxw(xi, qb, i, st, valid, av, WM: tl.constexpr):
+    # make_qx_quants' weights: x*x (WM 0), the importance qw (1, Q6_K _impl), qw*sqrt(sigma2 + x^2) (2, Q3_K _impl)
+    if WM == 0:
+        return xi * xi
+    elif WM == 1:
+        return tl.load(qb + i * st, mask=valid, other=0.0)
+    else:
+        return tl.load(qb + i * st, mask=valid, other=0.0) * tl.math.sqrt_rn(av + xi * xi)
+
+
+@triton.jit
+def _qx_rmse1(xb, st, valid, steps_ptr, qb, av, SB: tl.constexpr, NMAX: tl.constexpr, WM: tl.constexpr):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw), one sub-block per lane; returns the scale.
 
-    The weights are x*x, or with IMW the importance weights (quantize_row_q6_K_impl)."""
+    Weights per :func:`_qxw` (``av`` is sigma2 for WM 2)."""
     mx, amax = _first_absmax_seq(xb, st, valid, SB)
     zero = amax < 1e-15
     mxs = tl.where(zero, 1.0, mx)
@@ -277,7 +288,7 @@ def _qx_rmse1(xb, st, valid, steps_ptr, qb, SB: tl.constexpr, NMAX: tl.constexpr
     for i in range(SB):
         xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
-        w = tl.load(qb + i * st, mask=valid, other=0.0) if IMW else xi * xi
+        w = _qxw(xi, qb, i, st, valid, av, WM)
         sumlx += (w * xi) * lv
         suml2 += (w * lv) * lv
     scale = tl.where(suml2 != 0, _div(sumlx, _safe(suml2)), 0.0)
@@ -289,7 +300,7 @@ def _qx_rmse1(xb, st, valid, steps_ptr, qb, SB: tl.constexpr, NMAX: tl.constexpr
         for i in range(SB):
             xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
             lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
-            w = tl.load(qb + i * st, mask=valid, other=0.0) if IMW else xi * xi
+            w = _qxw(xi, qb, i, st, valid, av, WM)
             slx += (w * xi) * lv
             sl2 += (w * lv) * lv
         better = (sl2 > 0) & (slx * slx > best * sl2)
@@ -407,6 +418,45 @@ def _qp(x2, w2, qp_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
 
 
 @triton.jit
+def _qx_cols(x2, w2, steps_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
+    """make_qx_quants(NSUB, NMAX, x, L, 1, w) per row of an [R, NSUB] tile: (scale [R], l [R, NSUB]) with
+    l = L - NMAX in [-NMAX, NMAX-1] (an all-zero row gives L = 0, i.e. l = -NMAX, as C's memset)."""
+    jj = tl.arange(0, NSUB)[None, :]
+    mx, amax = _first_absmax_2d(x2, NSUB)
+    zero = amax < 1e-15
+    mxs = tl.where(zero, 1.0, mx)
+    wx = w2 * x2
+    iscale = _div(tl.zeros_like(mxs) - NMAX, mxs)
+    lv = tl.minimum(tl.maximum(_rne(iscale[:, None] * x2), -NMAX), NMAX - 1)
+    t1 = wx * lv
+    t2 = (w2 * lv) * lv
+    sumlx = _col(t1, jj, 0)
+    suml2 = _col(t2, jj, 0)
+    for i in range(1, NSUB):
+        sumlx += _col(t1, jj, i)
+        suml2 += _col(t2, jj, i)
+    scale = tl.where(suml2 != 0, _div(sumlx, _safe(suml2)), 0.0)
+    best = scale * sumlx
+    best_is = iscale
+    for s in range(18):
+        isc = _div(tl.zeros_like(mxs) + tl.load(steps_ptr + s), mxs)
+        lv = tl.minimum(tl.maximum(_rne(isc[:, None] * x2), -NMAX), NMAX - 1)
+        t1 = wx * lv
+        t2 = (w2 * lv) * lv
+        slx = _col(t1, jj, 0)
+        sl2 = _col(t2, jj, 0)
+        for i in range(1, NSUB):
+            slx += _col(t1, jj, i)
+            sl2 += _col(t2, jj, i)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        scale = tl.where(better, _div(slx, _safe(sl2)), scale)
+        best = tl.where(better, scale * slx, best)
+        best_is = tl.where(better, isc, best_is)
+    lv = tl.minimum(tl.maximum(_rne(best_is[:, None] * x2), -NMAX), NMAX - 1)
+    return tl.where(zero, 0.0, scale), tl.where(zero[:, None], -NMAX + 0.0 * x2, lv)
+
+
+@triton.jit
 def _first_absmax_2d(s, NSUB: tl.constexpr):
     a = tl.abs(s)
     amax = tl.max(a, axis=1)
@@ -419,7 +469,7 @@ def _first_absmax_2d(s, NSUB: tl.constexpr):
 def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row,
                    KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr,
                    IMPL: tl.constexpr):
-    """Q2_K..Q6_K (quantize_row_q*_K_ref, or with IMPL the imatrix-aware quantize_row_q{2,4,5,6}_K_impl):
+    """Q2_K..Q6_K (quantize_row_q*_K_ref, or with IMPL the imatrix-aware quantize_row_q*_K_impl):
     one row per program, NSUPER super-blocks of 256 at a time, one lane per sub-block.
 
     ``imt_ptr`` is the imatrix transposed like the rows (IMPL only).
@@ -518,6 +568,23 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row
                 dm2 = _fp16(_div(max_min, tl.zeros_like(max_min) + 63.0))[:, None] * lm
                 NMIN: tl.constexpr = 0
                 NTOP: tl.constexpr = 15 if KIND == 2 else 31
+        elif KIND == 1 and IMPL:  # Q3_K _impl: weighted make_qx_quants per 16, then make_qx_quants on the scales
+            sbase = (sb_i // NSUB) * NSUB
+            sum_x2 = tl.zeros([S], tl.float32)
+            for l in range(256):
+                xl = tl.load(row_ptr + sbase + l // SB + (l % SB) * st, mask=valid, other=0.0).to(tl.float32)
+                sum_x2 += xl * xl
+            sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
+            sw = tl.zeros([S], tl.float32)
+            for i in range(SB):
+                xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
+                sw += _qxw(xi, qb, i, st, valid, sigma2, 2)
+            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, qb, sigma2, SB, 4, 2), [NSUPER, NSUB])
+            d_blk, lq = _qx_cols(sc2, tl.reshape(sw, [NSUPER, NSUB]), qp_ptr + 16, NSUB, 32)
+            d2 = _fp16(d_blk)[:, None] * lq  # the 6-bit field holds l + 32 and decodes to l
+            dm2 = zero2
+            NMIN: tl.constexpr = -4
+            NTOP: tl.constexpr = 3
         elif KIND == 1:  # Q3_K: make_q3_quants, signed 6-bit scales against the first largest |scale|
             sc2 = tl.reshape(_q3(xb, st, valid, SB), [NSUPER, NSUB])
             max_scale, _amax = _first_absmax_2d(sc2, NSUB)
@@ -531,7 +598,7 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row
             NMIN: tl.constexpr = -4
             NTOP: tl.constexpr = 3
         else:  # Q6_K: make_qx_quants(16, 32, rmse_type 1), int8 scales against the first largest |scale|
-            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, qb, SB, 32, IMPL), [NSUPER, NSUB])
+            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, qb, 0.0, SB, 32, 1 if IMPL else 0), [NSUPER, NSUB])
             max_scale, amax = _first_absmax_2d(sc2, NSUB)
             has = amax >= 1e-15
             iscale = _div(tl.zeros_like(max_scale) - 128.0, tl.where(has, max_scale, 1.0))
@@ -567,15 +634,16 @@ def _steps(fmt: QuantFormat, device: str, impl: bool = False) -> torch.Tensor:
     if fmt in params:
         _, nmax, rmin, rdelta, nstep, _ = params[fmt]
         arr = qkx2_steps(nmax, rmin, rdelta, nstep)
-    else:
-        arr = qx_steps(32)
+    else:  # make_qx_quants: Q6_K (nmax 32), Q3_K _impl's sub-blocks (nmax 4)
+        arr = qx_steps(4 if fmt is QuantFormat.Q3_K else 32)
     return torch.from_numpy(arr).to(device)
 
 
 @functools.cache
 def _qp_steps(device: str) -> torch.Tensor:
-    # make_qp_quants' numerators for nmax 63 (Q4_K/Q5_K), then for nmax 15 (Q2_K) at offset 8
-    return torch.from_numpy(np.concatenate([qp_steps(63), qp_steps(15)])).to(device)
+    # make_qp_quants' numerators for nmax 63 (Q4_K/Q5_K), for nmax 15 (Q2_K) at offset 8, then
+    # make_qx_quants' for nmax 32 (Q3_K _impl's scales) at offset 16
+    return torch.from_numpy(np.concatenate([qp_steps(63), qp_steps(15), qx_steps(32)])).to(device)
 
 
 def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None, *,
@@ -592,7 +660,8 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
         fmt: one of :data:`TRITON_QUANT_FORMATS`.
         imatrix: optional ``[n_per_row]`` importance weights.
         imatrix_quantizer: quantize as libggml does with this imatrix (``quantize_row_*_impl``), for
-            :data:`~dq.kernels.ref_kquant.IMATRIX_K_FORMATS`; Q8_0/TQ*_0 ignore the imatrix in libggml too.
+            :data:`~dq.kernels.ref_quant.IMATRIX_EXACT_FORMATS` (the K-quants; Q8_0/TQ*_0 ignore the
+            imatrix in libggml too).
         tile: blocks (legacy types) or super-blocks (K-quants) per loop step; tuning only.
         num_warps: warps per program; tuning only.
 

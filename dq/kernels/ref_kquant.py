@@ -38,7 +38,7 @@ KQUANT_IMPL_PARAMS: dict[QuantFormat, tuple[int, int, float, float, int, bool]] 
     QuantFormat.Q5_K: (32, 31, -0.9, 0.05, 36, False),
 }
 # K-quants whose imatrix-aware quantizer (quantize_row_*_impl) is ported here and in the Triton kernels.
-IMATRIX_K_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K)
+IMATRIX_K_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K)
 
 
 def qkx2_steps(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
@@ -156,26 +156,39 @@ def _make_qx_rmse1(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) over rows of ``x``; returns the scale.
 
     Without ``qw`` the weights are ``x*x`` (the reference path), with it the importance weights."""
+    return _make_qx(x, nmax, qw)[0]
+
+
+def _make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants(n, nmax, x, L, 1, qw): ``(scale, l)`` with ``l = L - nmax`` from the winning step
+    (an all-zero row gives ``L = 0``, i.e. ``l = -nmax``)."""
     mx, amax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
     w = x * x if qw is None else qw
     wx = w * x
 
+    def levels(iscale: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lv = torch.clamp(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lv = levels(iscale)
         return _seq_sum(wx * lv), _seq_sum((w * lv) * lv)
 
-    sumlx, suml2 = sums(rdiv(float(-nmax), mxs))
+    best_is = rdiv(float(-nmax), mxs)
+    sumlx, suml2 = sums(best_is)
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
     best = scale * sumlx
     for num in qx_steps(nmax):
-        slx, sl2 = sums(rdiv(float(num), mxs))
+        isc = rdiv(float(num), mxs)
+        slx, sl2 = sums(isc)
         better = (sl2 > 0) & (slx * slx > best * sl2)
         new_scale = slx / torch.where(sl2 > 0, sl2, torch.ones_like(sl2))
         scale = torch.where(better, new_scale, scale)
         best = torch.where(better, scale * slx, best)
-    return torch.where(zero, torch.zeros_like(scale), scale)
+        best_is = torch.where(better, isc, best_is)
+    lv = torch.where(zero[:, None], torch.full_like(x, float(-nmax)), levels(best_is))
+    return torch.where(zero, torch.zeros_like(scale), scale), lv
 
 
 def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +287,23 @@ def _q2_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     d = fp16_round(d_block)[:, None] * (packed & 0xF).to(torch.float32)
     dm = fp16_round(m_block)[:, None] * (packed >> 4).to(torch.float32)
     return _requant_min(b, d, dm, 16, sb, nmax)
+
+
+def _q3_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    # quantize_row_q3_K_impl: weights qw*sqrt(sigma2 + x^2) with sigma2 = 2*mean(x^2) of the super-block,
+    # make_qx_quants(16, 4, rmse_type 1) per sub-block, then the 16 scales by make_qx_quants(16, 32) weighted
+    # by each sub-block's sum of weights; the 6-bit field holds l + 32 and decodes to l
+    sigma2 = sdiv(2.0 * _seq_sum(b * b), 256.0)
+    x = b.reshape(-1, 16)
+    w = qw.reshape(-1, 16) * _sqrt_rn(sigma2.repeat_interleave(16)[:, None] + x * x)
+    sw = _seq_sum(w).reshape(-1, 16)
+    sc = _make_qx(x, 4, w)[0].reshape(-1, 16)
+    d_block, lq = _make_qx(sc, 32, sw)
+    d = fp16_round(d_block)[:, None] * lq
+    xs = b.reshape(-1, 16, 16)
+    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
+    lv = torch.clamp(nearest_int(xs / ds), -4, 3)
+    return (d[..., None] * lv).reshape(b.shape)
 
 
 def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> torch.Tensor:
@@ -389,6 +419,8 @@ def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.
     qw = qw.expand(blocks.shape[0] // per_row, per_row, 256).reshape(-1, 256)
     if fmt is QuantFormat.Q2_K:
         return _q2_k_imatrix(blocks, qw)
+    if fmt is QuantFormat.Q3_K:
+        return _q3_k_imatrix(blocks, qw)
     if fmt in KQUANT_IMPL_PARAMS:
         return _min_max_k_imatrix(blocks, fmt, qw)
     if fmt is QuantFormat.Q6_K:

@@ -56,10 +56,10 @@ FAKE_QUANT_FORMATS: tuple[QuantFormat, ...] = (
 
 
 # Types whose quantization *with an imatrix* is ported bit-exactly: libggml ignores the imatrix for
-# Q8_0/TQ1_0/TQ2_0, and the imatrix-aware quantize_row_q{2,4,5,6}_K_impl are ported in ref_kquant.
+# Q8_0/TQ1_0/TQ2_0, and the imatrix-aware quantize_row_q{2..6}_K_impl are ported in ref_kquant.
 IMATRIX_EXACT_FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat.Q8_0, QuantFormat.TQ1_0, QuantFormat.TQ2_0,
-    QuantFormat.Q2_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K,
+    QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K,
 )
 
 

@@ -80,8 +80,8 @@ def test_act_stats_kernel_matches_reference(dtype):
     assert torch.equal(got["max_abs"].cpu(), want["max_abs"])
 
 
-@pytest.mark.parametrize("fmt", [QuantFormat.Q2_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K,
-                                 QuantFormat.Q8_0], ids=str)
+@pytest.mark.parametrize("fmt", [QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K,
+                                 QuantFormat.Q6_K, QuantFormat.Q8_0], ids=str)
 def test_imatrix_quantizer_kernels_match_libggml(fmt):
     """imatrix_quantizer=True: the kernel quantizes as libggml's quantize_row_*_impl; its error sums equal
     those of libggml's own bytes with that imatrix."""
