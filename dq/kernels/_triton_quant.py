@@ -174,9 +174,10 @@ def _legacy_kernel(x_ptr, im_ptr, out_ptr, n_per_row,
 
 @triton.jit
 def _wt(xi, qb, i, st, valid, av, WABS: tl.constexpr, IMW: tl.constexpr):
-    # the search weights: qw*sqrt(sigma2 + x^2) (imatrix paths, av = sigma2), |x| (Q2_K) or av_x + |x|
+    # the search weights: precomputed at qb (imatrix paths: qw*sqrt(sigma2 + x^2), see _store_weights),
+    # |x| (Q2_K) or av_x + |x|
     if IMW:
-        return tl.load(qb + i * st, mask=valid, other=0.0) * tl.math.sqrt_rn(av + xi * xi)
+        return tl.load(qb + i * st, mask=valid, other=0.0)
     elif WABS:
         return tl.abs(xi)
     else:
@@ -265,13 +266,26 @@ def _first_absmax_seq(xb, st, valid, SB: tl.constexpr):
 
 @triton.jit
 def _qxw(xi, qb, i, st, valid, av, WM: tl.constexpr):
-    # make_qx_quants' weights: x*x (WM 0), the importance qw (1, Q6_K _impl), qw*sqrt(sigma2 + x^2) (2, Q3_K _impl)
+    # make_qx_quants' weights: x*x (WM 0), or loaded from qb (WM 1: the importance qw for Q6_K _impl, the
+    # precomputed qw*sqrt(sigma2 + x^2) for Q3_K _impl)
     if WM == 0:
         return xi * xi
-    elif WM == 1:
-        return tl.load(qb + i * st, mask=valid, other=0.0)
     else:
-        return tl.load(qb + i * st, mask=valid, other=0.0) * tl.math.sqrt_rn(av + xi * xi)
+        return tl.load(qb + i * st, mask=valid, other=0.0)
+
+
+@triton.jit
+def _store_weights(xb, qb, wb, st, valid, sigma2, SB: tl.constexpr):
+    """The _impl searches' weights qw*sqrt(sigma2 + x^2), stored once per lane at wb (the lane re-reads only
+    its own addresses, so no barrier is needed); returns their in-order sum. Recomputing the correctly
+    rounded sqrt in every search pass cost ~2x."""
+    sw = tl.zeros_like(sigma2)
+    for i in range(SB):
+        xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
+        w = tl.load(qb + i * st, mask=valid, other=0.0) * tl.math.sqrt_rn(sigma2 + xi * xi)
+        tl.store(wb + i * st, w, mask=valid)
+        sw += w
+    return sw
 
 
 @triton.jit
@@ -466,13 +480,14 @@ def _first_absmax_2d(s, NSUB: tl.constexpr):
 
 
 @triton.jit
-def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row,
+def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row,
                    KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr,
                    IMPL: tl.constexpr):
     """Q2_K..Q6_K (quantize_row_q*_K_ref, or with IMPL the imatrix-aware quantize_row_q*_K_impl):
     one row per program, NSUPER super-blocks of 256 at a time, one lane per sub-block.
 
-    ``imt_ptr`` is the imatrix transposed like the rows (IMPL only).
+    ``imt_ptr`` is the imatrix transposed like the rows and ``wt_ptr`` scratch of the rows' shape for the
+    search weights (IMPL only).
 
     ``x_ptr`` holds each row sub-block-transposed (``[SB, n_per_row // SB]``, see
     :func:`quant_error_triton`): the sequential per-lane scans then read consecutive addresses across a
@@ -493,6 +508,7 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row
         valid = sb_i < st
         xb = row_ptr + sb_i
         qb = imt_ptr + sb_i
+        wb = wt_ptr + pid_r.to(tl.int64) * n_per_row + sb_i
         zero2 = tl.zeros([NSUPER, NSUB], tl.float32)
         if KIND == 0 or KIND == 2 or KIND == 3:
             if IMPL:  # Q2_K / Q4_K / Q5_K _impl: weights qw*sqrt(sigma2 + x^2), sigma2 = (2*)mean(x^2) per 256
@@ -506,12 +522,13 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row
                     sigma2 = _div(sum_x2, tl.zeros_like(sum_x2) + 256.0)
                 else:
                     sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
+                _store_weights(xb, qb, wb, st, valid, sigma2, SB)
                 if KIND == 0:
-                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, qb, SB, 3, 36, False, False, True)
+                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 3, 36, False, False, True)
                 elif KIND == 2:
-                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, qb, SB, 15, 36, False, False, True)
+                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 15, 36, False, False, True)
                 else:
-                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, qb, SB, 31, 36, False, False, True)
+                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 31, 36, False, False, True)
             elif KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
                 sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, 0.0, qb, SB, 3, 15, True, True, False)
             else:  # Q4_K / Q5_K: weights av_x + |x|
@@ -575,11 +592,8 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row
                 xl = tl.load(row_ptr + sbase + l // SB + (l % SB) * st, mask=valid, other=0.0).to(tl.float32)
                 sum_x2 += xl * xl
             sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
-            sw = tl.zeros([S], tl.float32)
-            for i in range(SB):
-                xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
-                sw += _qxw(xi, qb, i, st, valid, sigma2, 2)
-            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, qb, sigma2, SB, 4, 2), [NSUPER, NSUB])
+            sw = _store_weights(xb, qb, wb, st, valid, sigma2, SB)
+            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, wb, sigma2, SB, 4, 1), [NSUPER, NSUB])
             d_blk, lq = _qx_cols(sc2, tl.reshape(sw, [NSUPER, NSUB]), qp_ptr + 16, NSUB, 32)
             d2 = _fp16(d_blk)[:, None] * lq  # the 6-bit field holds l + 32 and decodes to l
             dm2 = zero2
@@ -692,9 +706,10 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
         impl = imatrix_quantizer and imatrix is not None
         xt = x.view(rows, n // sb, sb).transpose(1, 2).contiguous()  # one extra pass, ~1% of the kernel's time
         imt = im.view(n // sb, sb).t().contiguous() if impl else im
+        wt = torch.empty(xt.shape, device=x.device, dtype=torch.float32) if impl else out
         dev = str(x.device)
         _kquant_kernel[(rows,)](
-            xt, im, imt, out, _steps(fmt, dev, impl), _qp_steps(dev), n, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper,
+            xt, im, imt, wt, out, _steps(fmt, dev, impl), _qp_steps(dev), n, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper,
             HAS_IM=imatrix is not None, IMPL=impl, num_warps=num_warps or max(1, nsuper * (256 // sb) // 32),
             enable_fp_fusion=False,
         )
