@@ -267,9 +267,8 @@ class _DeviceMats:
     """One tensor's matrices on the kernel device, moved once and measured for every kernel type.
 
     Weight and imatrix sums come from the fused :func:`dq.kernels.quant_error` (Triton on CUDA, the torch
-    reference elsewhere); the activation error needs Q(W) itself, which the fused kernel never writes, so
-    it is the torch reference's :func:`~dq.kernels.ref_quant.fake_quant` (bit-exact with the kernel's
-    quantizer) and a float64 matmul on the device.
+    reference elsewhere); the activation error needs Q(W) itself, which the same pass writes when asked
+    (``return_dequantized``), followed by a float64 matmul on the device.
     """
 
     def __init__(self, prepared: list, device: str) -> None:
@@ -286,17 +285,16 @@ class _DeviceMats:
 
     def sums(self, stored: QuantFormat) -> _Sums:
         from dq.kernels.api import quant_error
-        from dq.kernels.ref_quant import fake_quant
 
         torch = self._torch
         acc = torch.zeros(5, dtype=torch.float64, device=self.mats[0][0].device) if self.mats else None
         ad = 0.0
         for wt, imt, xt, ysq in self.mats:
-            s = quant_error(wt, stored, imt, imatrix_quantizer=imt is not None)
+            s = quant_error(wt, stored, imt, imatrix_quantizer=imt is not None, return_dequantized=xt is not None)
             parts = [s["sse"], s["sumsq"]] + ([s["wsse"], s["wsumsq"]] if imt is not None else [s["sse"][:0]] * 2)
             row = [p.to(torch.float64).sum() for p in parts]
             if xt is not None:
-                d = fake_quant(wt, stored, imt).to(torch.float64) - wt.to(torch.float64)
+                d = s["deq"].to(torch.float64) - wt.to(torch.float64)
                 row.append(((xt @ d.T) ** 2).sum())
                 ad += ysq
             else:

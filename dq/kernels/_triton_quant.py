@@ -145,8 +145,9 @@ def _legacy_tile(x, j, KIND: tl.constexpr, QK: tl.constexpr, BLOCKS: tl.constexp
 
 
 @triton.jit
-def _legacy_kernel(x_ptr, im_ptr, out_ptr, n_per_row,
-                   KIND: tl.constexpr, QK: tl.constexpr, BLOCKS: tl.constexpr, HAS_IM: tl.constexpr):
+def _legacy_kernel(x_ptr, im_ptr, out_ptr, deq_ptr, n_per_row,
+                   KIND: tl.constexpr, QK: tl.constexpr, BLOCKS: tl.constexpr, HAS_IM: tl.constexpr,
+                   WRITE: tl.constexpr):
     """Q8_0 / Q4_0 / Q5_0 / Q4_1 / Q5_1 / TQ*_0: one row per program, in [BLOCKS, QK] tiles."""
     pid_r = tl.program_id(0)
     row_ptr = x_ptr + pid_r.to(tl.int64) * n_per_row
@@ -164,7 +165,10 @@ def _legacy_kernel(x_ptr, im_ptr, out_ptr, n_per_row,
             im = tl.load(im_ptr + col, mask=valid, other=0.0)
         else:
             im = tl.full([BLOCKS, QK], 1.0, tl.float32)
-        s0, s1, s2, s3 = _tile_sums(x, _legacy_tile(x, j, KIND, QK, BLOCKS), im, valid)
+        deq = _legacy_tile(x, j, KIND, QK, BLOCKS)
+        if WRITE:  # Q(W) for the activation error; the error sums alone never need it
+            tl.store(deq_ptr + pid_r.to(tl.int64) * n_per_row + col, deq, mask=valid)
+        s0, s1, s2, s3 = _tile_sums(x, deq, im, valid)
         a0 += s0
         a1 += s1
         a2 += s2
@@ -480,9 +484,9 @@ def _first_absmax_2d(s, NSUB: tl.constexpr):
 
 
 @triton.jit
-def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, steps_ptr, qp_ptr, n_per_row,
+def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, qp_ptr, n_per_row,
                    KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr,
-                   IMPL: tl.constexpr):
+                   IMPL: tl.constexpr, WRITE: tl.constexpr):
     """Q2_K..Q6_K (quantize_row_q*_K_ref, or with IMPL the imatrix-aware quantize_row_q*_K_impl):
     one row per program, NSUPER super-blocks of 256 at a time, one lane per sub-block.
 
@@ -634,6 +638,8 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, steps_ptr, qp_ptr, n
             im = tl.full([S, SB], 1.0, tl.float32)
         lv = tl.minimum(tl.maximum(_rne(_div(x + dm[:, None], _safe(d)[:, None])), NMIN), NTOP)
         deq = d[:, None] * lv - dm[:, None]
+        if WRITE:  # Q(W) in the original layout, for the activation error
+            tl.store(deq_ptr + pid_r.to(tl.int64) * n_per_row + sb_i[:, None] * SB + j[None, :], deq, mask=v2)
         s0, s1, s2, s3 = _tile_sums(x, deq, im, v2)
         a0 += s0
         a1 += s1
@@ -661,8 +667,8 @@ def _qp_steps(device: str) -> torch.Tensor:
 
 
 def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None, *,
-                       imatrix_quantizer: bool = False, tile: int | None = None,
-                       num_warps: int | None = None) -> dict[str, torch.Tensor]:
+                       imatrix_quantizer: bool = False, return_dequantized: bool = False,
+                       tile: int | None = None, num_warps: int | None = None) -> dict[str, torch.Tensor]:
     """Per-row ``sse``/``wsse``/``sumsq``/``wsumsq`` of ``weight`` fake-quantized as ``fmt``, in one pass.
 
     One kernel launch: each program owns one row and loops over it, so no partial sums are written
@@ -676,6 +682,8 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
         imatrix_quantizer: quantize as libggml does with this imatrix (``quantize_row_*_impl``), for
             :data:`~dq.kernels.ref_quant.IMATRIX_EXACT_FORMATS` (the K-quants; Q8_0/TQ*_0 ignore the
             imatrix in libggml too).
+        return_dequantized: also write the fake-quantized tensor (float32, ``weight``'s shape) as ``"deq"``,
+            for the activation error; the sums alone never write it.
         tile: blocks (legacy types) or super-blocks (K-quants) per loop step; tuning only.
         num_warps: warps per program; tuning only.
 
@@ -692,13 +700,14 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
     spec = FORMATS[fmt]
     im = imatrix.to(device=x.device, dtype=torch.float32).contiguous() if imatrix is not None else x
     out = torch.empty(rows, 4, device=x.device, dtype=torch.float32)
+    deq = torch.empty(rows, n, device=x.device, dtype=torch.float32) if return_dequantized else out
     if fmt in _LEGACY:
         qk = spec.block_size
         # launch shapes from bench/kernels_sweep.py on an H100 (bench/results/kernels_sweep_h100.json)
         blocks = tile or (32 if qk == 32 else 8)
         _legacy_kernel[(rows,)](
-            x, im, out, n, KIND=_LEGACY[fmt], QK=qk, BLOCKS=blocks, HAS_IM=imatrix is not None,
-            num_warps=num_warps or (4 if qk == 32 else 2), enable_fp_fusion=False,
+            x, im, out, deq, n, KIND=_LEGACY[fmt], QK=qk, BLOCKS=blocks, HAS_IM=imatrix is not None,
+            WRITE=return_dequantized, num_warps=num_warps or (4 if qk == 32 else 2), enable_fp_fusion=False,
         )
     else:
         sb = 32 if fmt in (QuantFormat.Q4_K, QuantFormat.Q5_K) else 16
@@ -709,8 +718,11 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
         wt = torch.empty(xt.shape, device=x.device, dtype=torch.float32) if impl else out
         dev = str(x.device)
         _kquant_kernel[(rows,)](
-            xt, im, imt, wt, out, _steps(fmt, dev, impl), _qp_steps(dev), n, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper,
-            HAS_IM=imatrix is not None, IMPL=impl, num_warps=num_warps or max(1, nsuper * (256 // sb) // 32),
+            xt, im, imt, wt, out, deq, _steps(fmt, dev, impl), _qp_steps(dev), n, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper,
+            HAS_IM=imatrix is not None, IMPL=impl, WRITE=return_dequantized, num_warps=num_warps or max(1, nsuper * (256 // sb) // 32),
             enable_fp_fusion=False,
         )
-    return {"sse": out[:, 0], "wsse": out[:, 1], "sumsq": out[:, 2], "wsumsq": out[:, 3]}
+    res = {"sse": out[:, 0], "wsse": out[:, 1], "sumsq": out[:, 2], "wsumsq": out[:, 3]}
+    if return_dequantized:
+        res["deq"] = deq
+    return res

@@ -85,6 +85,7 @@ def quant_error(
     backend: Backend = "auto",
     *,
     imatrix_quantizer: bool = False,
+    return_dequantized: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-row error of storing ``weight`` as ``fmt`` (ggml's quantizer, fake-quantized).
 
@@ -96,6 +97,8 @@ def quant_error(
         imatrix_quantizer: also quantize with the imatrix as libggml does (``quantize_row_*_impl``); only
             for :data:`dq.kernels.ref_quant.IMATRIX_EXACT_FORMATS`. Off: ggml's reference (no-imatrix)
             quantizer, see :func:`dq.kernels.ref_quant.quant_error`.
+        return_dequantized: also return the fake-quantized weights (float32) as ``"deq"``, from the same
+            pass (for activation errors).
 
     Returns:
         ``{"sse", "wsse", "sumsq", "wsumsq"}``, float32 ``[rows]`` tensors on ``weight.device``.
@@ -118,10 +121,11 @@ def quant_error(
     if resolve_backend(backend, weight.device, True) == "triton":
         from dq.kernels._triton_quant import quant_error_triton
 
-        return quant_error_triton(weight, f, imatrix, imatrix_quantizer=imatrix_quantizer)
+        return quant_error_triton(weight, f, imatrix, imatrix_quantizer=imatrix_quantizer,
+                                  return_dequantized=return_dequantized)
     from dq.kernels.ref_quant import quant_error as ref
 
-    return ref(weight, f, imatrix, imatrix_quantizer=imatrix_quantizer)
+    return ref(weight, f, imatrix, imatrix_quantizer=imatrix_quantizer, return_dequantized=return_dequantized)
 
 
 def dequantize(

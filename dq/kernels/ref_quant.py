@@ -225,7 +225,8 @@ def error_sums(
 
 
 def quant_error(
-    weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None, *, imatrix_quantizer: bool = False
+    weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None, *, imatrix_quantizer: bool = False,
+    return_dequantized: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Reference per-row quantization error of ``weight`` stored as ``fmt``.
 
@@ -243,4 +244,7 @@ def quant_error(
         dict of per-row float32 tensors, see :func:`error_sums`.
     """
     deq = fake_quant(weight, fmt, imatrix if imatrix_quantizer else None)
-    return error_sums(weight, deq, imatrix)
+    out = error_sums(weight, deq, imatrix)
+    if return_dequantized:
+        out["deq"] = deq
+    return out

@@ -99,3 +99,18 @@ def test_imatrix_quantizer_kernels_match_libggml(fmt):
     with pytest.raises(ValueError, match="no imatrix-aware kernel for Q5_0"):
         quant_error(torch.from_numpy(w).to(DEV), QuantFormat.Q5_0, torch.from_numpy(im).to(DEV), backend="triton",
                     imatrix_quantizer=True)
+
+
+@pytest.mark.parametrize("fmt,imq", [(QuantFormat.Q4_0, False), (QuantFormat.TQ1_0, False),
+                                     (QuantFormat.Q6_K, True), (QuantFormat.Q2_K, False)], ids=str)
+def test_return_dequantized_equals_libggml(fmt, imq):
+    """The same pass can write Q(W) (for activation errors): it equals libggml's dequantized bytes."""
+    w = make_weights(3, 512, seed=13)
+    im = np.random.default_rng(14).random(512).astype(np.float32) + 0.1
+    want = libggml.dequantize(libggml.quantize(w, fmt, im if imq else None), fmt, w.shape)
+    got = quant_error(torch.from_numpy(w).to(DEV), fmt, torch.from_numpy(im).to(DEV), backend="triton",
+                      imatrix_quantizer=imq, return_dequantized=True)
+    np.testing.assert_array_equal(got["deq"].cpu().numpy(), want)
+    ref = quant_error_ref(torch.from_numpy(w), fmt, torch.from_numpy(im), imatrix_quantizer=imq,
+                          return_dequantized=True)
+    np.testing.assert_array_equal(ref["deq"].numpy(), want)
