@@ -186,7 +186,7 @@ def _rel(a: float | None, b: float | None) -> float | None:
 def report(gpu: dict, cpu: dict, q: dict | None) -> str:
     from dq.analysis.measure import kernel_formats
 
-    kern = {f.value for f in kernel_formats(with_importance=True)}  # dq analyze always has an imatrix
+    kern = {f.value for f in kernel_formats()}
     by_stored: dict[str, dict[str, list]] = {}
     for name, t in cpu["tensors"].items():
         for ec, eg in zip(t["errors"], gpu["tensors"][name]["errors"]):

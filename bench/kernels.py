@@ -22,7 +22,6 @@ import torch
 
 from dq.kernels import act_stats, dequantize, quant_error
 from dq.kernels.api import TRITON_DEQUANT_FORMATS
-from dq.kernels.ref_quant import IMATRIX_EXACT_FORMATS
 from dq.quant import QuantFormat, libggml, tensor_nbytes
 
 HBM_GBPS = 3350.0
@@ -84,18 +83,17 @@ def main() -> int:
             if fmt in TRITON_DEQUANT_FORMATS:
                 t_deq = gpu_time(lambda: dequantize(data, fmt, (rows, cols), torch.bfloat16, backend="triton"))
                 deq_gbps = (tensor_nbytes(fmt, (rows, cols)) + w.numel() * 2) / t_deq / 1e9
-            t_im = t_cpu_im = None
-            if fmt in IMATRIX_EXACT_FORMATS:  # libggml's imatrix quantizer (quantize_row_*_impl) vs its port
-                t_im = gpu_time(lambda: quant_error(w, fmt, im, backend="triton", imatrix_quantizer=True))
-                im_np = im.cpu().numpy()
-                t0 = time.perf_counter()
-                libggml.dequantize(libggml.quantize(wn, fmt, im_np), fmt, wn.shape)
-                t_cpu_im = (time.perf_counter() - t0) * rows / wn.shape[0]
+            # libggml's imatrix quantizer (quantize_row_*_impl) vs its port
+            t_im = gpu_time(lambda: quant_error(w, fmt, im, backend="triton", imatrix_quantizer=True))
+            im_np = im.cpu().numpy()
+            t0 = time.perf_counter()
+            libggml.dequantize(libggml.quantize(wn, fmt, im_np), fmt, wn.shape)
+            t_cpu_im = (time.perf_counter() - t0) * rows / wn.shape[0]
             r = {
                 "shape": [rows, cols], "type": fmt.value,
-                "err_imatrix_quantizer_ms": None if t_im is None else t_im * 1e3,
-                "cpu_imatrix_quant_dequant_ms": None if t_cpu_im is None else t_cpu_im * 1e3,
-                "speedup_imatrix_vs_cpu": None if t_im is None else t_cpu_im / t_im,
+                "err_imatrix_quantizer_ms": t_im * 1e3,
+                "cpu_imatrix_quant_dequant_ms": t_cpu_im * 1e3,
+                "speedup_imatrix_vs_cpu": t_cpu_im / t_im,
                 "err_ms": t_err * 1e3, "err_gbps": err_bytes / t_err / 1e9,
                 "deq_bf16_ms": None if t_deq is None else t_deq * 1e3, "deq_gbps": deq_gbps,
                 "cpu_quant_dequant_ms": t_cpu * 1e3, "speedup_err_vs_cpu": t_cpu / t_err,
@@ -105,8 +103,8 @@ def main() -> int:
                   f"{100 * r['err_gbps'] / HBM_GBPS:5.1f} {r['deq_bf16_ms'] or 0:8.3f} {deq_gbps or 0:9.1f} "
                   f"{100 * (deq_gbps or 0) / HBM_GBPS:5.1f} {r['cpu_quant_dequant_ms']:9.1f} "
                   f"{r['speedup_err_vs_cpu']:7.1f}"
-                  + ("" if t_im is None else f"   imatrix quantizer: {t_im * 1e3:.3f} ms vs libggml "
-                     f"{t_cpu_im * 1e3:.1f} ms = {t_cpu_im / t_im:.0f}x"), flush=True)
+                  + f"   imatrix quantizer: {t_im * 1e3:.3f} ms vs libggml {t_cpu_im * 1e3:.1f} ms "
+                  f"= {t_cpu_im / t_im:.0f}x", flush=True)
     x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
     t_act = gpu_time(lambda: act_stats(x, backend="triton"))
     act = {"shape": [8192, 4096], "dtype": "bf16", "ms": t_act * 1e3, "gbps": x.numel() * 2 / t_act / 1e9}

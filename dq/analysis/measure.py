@@ -18,15 +18,12 @@ Two paths (:func:`measure_path` picks one per run and logs it):
 - ``libggml`` (CPU, the default): every type through libggml, with the imatrix, as above.
 - ``kernels`` (``dq analyze --device cuda`` with Triton): stored types in
   :data:`~dq.kernels.ref_quant.FAKE_QUANT_FORMATS` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K)
-  are measured on the GPU: ``weight_err``/``weighted_err`` by the fused :func:`dq.kernels.quant_error`
-  kernels and ``act_err`` by the torch reference's Q(W) and a float64 matmul, both on the device. These
-  are ggml's *reference* (no-imatrix) quantizers, bit-exact with libggml without an imatrix. With an
-  imatrix libggml's ``quantize_row_*_impl`` searches scales under the importance weights, which the
-  kernels do not port yet (the no-imatrix kernel errors were 1.1-5.7x higher on weighted_err, see
-  ``bench/results/analyze_gpu_vs_cpu.md``), so when importance weights are present only Q8_0, TQ1_0
-  and TQ2_0 (which ignore the imatrix in libggml too) stay on the kernels and every other type uses
-  libggml: the GPU table equals the CPU table to float rounding. IQ types, IQ4_NL, MXFP4 and float
-  types always use libggml.
+  are measured on the GPU by one fused kernel pass per tensor and type: ``weight_err``/``weighted_err``
+  sums, and Q(W) for ``act_err`` (a float64 matmul on the device). The kernels port ggml's quantizers
+  bit-exactly, the imatrix-aware ``quantize_row_*_impl`` searches included (used whenever importance
+  weights are present, as libggml does), so the GPU table equals the CPU table up to the forward pass
+  running on another device (``bench/results/analyze_gpu_vs_cpu.md``). IQ types, IQ4_NL, MXFP4 and
+  float types always use libggml.
 """
 
 from __future__ import annotations
@@ -107,18 +104,15 @@ def round_trip(w: np.ndarray, fmt: QuantFormat, importance: np.ndarray | None, n
     return libggml.dequantize(blob, fmt, w.shape)
 
 
-def kernel_formats(with_importance: bool = False) -> tuple[QuantFormat, ...]:
+def kernel_formats() -> tuple[QuantFormat, ...]:
     """Stored types the GPU path measures with :func:`dq.kernels.quant_error` (the others use libggml).
 
-    The kernels port ggml's *reference* quantizers, and the imatrix-aware ``quantize_row_*_impl`` of
-    the K-quants Q2_K..Q6_K (Q8_0 and TQ*_0 ignore the imatrix in libggml too). With an imatrix only
-    those types stay on the kernels; the others' imatrix searches run in libggml. That keeps
-    ``--device cuda`` measuring exactly what llama.cpp writes.
+    The kernels port both of ggml's quantizers for these types, the reference one and the imatrix-aware
+    ``quantize_row_*_impl`` (used whenever importance weights are given, as libggml does), so
+    ``--device cuda`` measures exactly what llama.cpp writes. IQ types stay on libggml.
     """
-    from dq.kernels.ref_quant import FAKE_QUANT_FORMATS, IMATRIX_EXACT_FORMATS
+    from dq.kernels.ref_quant import FAKE_QUANT_FORMATS
 
-    if with_importance:
-        return tuple(f for f in FAKE_QUANT_FORMATS if f in IMATRIX_EXACT_FORMATS)
     return FAKE_QUANT_FORMATS
 
 
@@ -224,7 +218,7 @@ def measure_tensor(
     for fmt in candidates:
         stored = effective_format(fmt, shape) if not FORMATS[fmt].is_float else fmt
         if stored not in by_stored:
-            if on_device is not None and stored in kernel_formats(with_importance=has_im):
+            if on_device is not None and stored in kernel_formats():
                 sums = on_device.sums(stored)
             else:
                 if cpu_y is None:

@@ -32,6 +32,8 @@ __all__ = ["quant_error_triton", "TRITON_QUANT_FORMATS"]
 _LEGACY = {QuantFormat.Q8_0: 0, QuantFormat.Q4_0: 1, QuantFormat.Q5_0: 2, QuantFormat.Q4_1: 3,
            QuantFormat.Q5_1: 4, QuantFormat.TQ1_0: 5, QuantFormat.TQ2_0: 5}
 _KQ = {QuantFormat.Q2_K: 0, QuantFormat.Q3_K: 1, QuantFormat.Q4_K: 2, QuantFormat.Q5_K: 3, QuantFormat.Q6_K: 4}
+# legacy types whose imatrix search (quantize_row_*_impl) runs in _kquant_kernel, one lane per 32-block
+_LEGACY_IMPL = {QuantFormat.Q4_0: 5, QuantFormat.Q5_0: 6, QuantFormat.Q4_1: 7, QuantFormat.Q5_1: 8}
 TRITON_QUANT_FORMATS = tuple(_LEGACY) + tuple(_KQ)
 
 
@@ -193,7 +195,8 @@ def _qkx2(xb, st, valid, steps_ptr, av, qb, SB: tl.constexpr, NMAX: tl.constexpr
           MAD: tl.constexpr, WABS: tl.constexpr, IMW: tl.constexpr):
     """make_qkx2_quants / make_qkx3_quants (the same search), one sub-block per lane.
 
-    Weights per :func:`_wt`. Returns (scale, -min, sum of weights)."""
+    Weights per :func:`_wt`. Returns (scale, -min, sum of weights, and the iscale and min that produced the
+    chosen levels L = clamp(nearest_int(iscale * (x - min)), 0, NMAX), which the legacy types keep)."""
     x0 = tl.load(xb, mask=valid, other=0.0).to(tl.float32)
     w0 = _wt(x0, qb, 0, st, valid, av, WABS, IMW)
     mn = x0
@@ -212,6 +215,8 @@ def _qkx2(xb, st, valid, steps_ptr, av, qb, SB: tl.constexpr, NMAX: tl.constexpr
     iscale = _div(tl.zeros_like(mx) + NMAX, tl.where(flat, 1.0, mx - mn))
     scale = _div(tl.zeros_like(mx) + 1.0, iscale)
     best = tl.zeros_like(mx)
+    l_is = iscale
+    l_mn = mn
     for i in range(SB):
         xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         wi = _wt(xi, qb, i, st, valid, av, WABS, IMW)
@@ -251,8 +256,10 @@ def _qkx2(xb, st, valid, steps_ptr, av, qb, SB: tl.constexpr, NMAX: tl.constexpr
         better = ok & (cur < best)
         best = tl.where(better, cur, best)
         scale = tl.where(better, this_scale, scale)
+        l_is = tl.where(better, iscale, l_is)
+        l_mn = tl.where(better, mn, l_mn)
         mn = tl.where(better, this_min, mn)
-    return tl.where(flat, 0.0, scale), -mn, sum_w
+    return tl.where(flat, 0.0, scale), -mn, sum_w, l_is, l_mn
 
 
 @triton.jit
@@ -296,7 +303,8 @@ def _store_weights(xb, qb, wb, st, valid, sigma2, SB: tl.constexpr):
 def _qx_rmse1(xb, st, valid, steps_ptr, qb, av, SB: tl.constexpr, NMAX: tl.constexpr, WM: tl.constexpr):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw), one sub-block per lane; returns the scale.
 
-    Weights per :func:`_qxw` (``av`` is sigma2 for WM 2)."""
+    Weights per :func:`_qxw`. Returns (scale, the iscale of the chosen levels
+    L = clamp(nearest_int(iscale * x), -NMAX, NMAX - 1), which the legacy types keep)."""
     mx, amax = _first_absmax_seq(xb, st, valid, SB)
     zero = amax < 1e-15
     mxs = tl.where(zero, 1.0, mx)
@@ -311,6 +319,7 @@ def _qx_rmse1(xb, st, valid, steps_ptr, qb, av, SB: tl.constexpr, NMAX: tl.const
         suml2 += (w * lv) * lv
     scale = tl.where(suml2 != 0, _div(sumlx, _safe(suml2)), 0.0)
     best = scale * sumlx
+    best_is = iscale
     for s in range(18):
         iscale = _div(tl.zeros_like(mx) + tl.load(steps_ptr + s), mxs)
         slx = tl.zeros_like(mx)
@@ -324,7 +333,8 @@ def _qx_rmse1(xb, st, valid, steps_ptr, qb, av, SB: tl.constexpr, NMAX: tl.const
         better = (sl2 > 0) & (slx * slx > best * sl2)
         scale = tl.where(better, _div(slx, _safe(sl2)), scale)
         best = tl.where(better, scale * slx, best)
-    return tl.where(zero, 0.0, scale)
+        best_is = tl.where(better, iscale, best_is)
+    return tl.where(zero, 0.0, scale), best_is
 
 
 @triton.jit
@@ -484,14 +494,16 @@ def _first_absmax_2d(s, NSUB: tl.constexpr):
 
 
 @triton.jit
-def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, qp_ptr, n_per_row,
+def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, qp_ptr, rs_ptr, n_per_row, n_f,
                    KIND: tl.constexpr, SB: tl.constexpr, NSUPER: tl.constexpr, HAS_IM: tl.constexpr,
                    IMPL: tl.constexpr, WRITE: tl.constexpr):
     """Q2_K..Q6_K (quantize_row_q*_K_ref, or with IMPL the imatrix-aware quantize_row_q*_K_impl):
     one row per program, NSUPER super-blocks of 256 at a time, one lane per sub-block.
 
     ``imt_ptr`` is the imatrix transposed like the rows and ``wt_ptr`` scratch of the rows' shape for the
-    search weights (IMPL only).
+    search weights (IMPL only). KIND 5-8 are the legacy Q4_0/Q5_0/Q4_1/Q5_1 ``_impl`` searches (one lane per
+    32-block, SB = 32): their sigma2 is the in-order sum of the whole row's x^2 (``rs_ptr``, from
+    :func:`_row_sumsq_kernel`) over ``n_f``, and their levels are the search's own, not re-rounded.
 
     ``x_ptr`` holds each row sub-block-transposed (``[SB, n_per_row // SB]``, see
     :func:`quant_error_triton`): the sequential per-lane scans then read consecutive addresses across a
@@ -514,7 +526,24 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
         qb = imt_ptr + sb_i
         wb = wt_ptr + pid_r.to(tl.int64) * n_per_row + sb_i
         zero2 = tl.zeros([NSUPER, NSUB], tl.float32)
-        if KIND == 0 or KIND == 2 or KIND == 3:
+        if KIND >= 5:  # quantize_row_q{4,5}_{0,1}_impl
+            sigma2 = _div(tl.zeros([S], tl.float32) + tl.load(rs_ptr + pid_r), tl.zeros([S], tl.float32) + n_f)
+            _store_weights(xb, qb, wb, st, valid, sigma2, SB)
+            if KIND <= 6:  # Q4_0 / Q5_0: make_qx_quants(32, nmax, x, L, 1, w)
+                lsc, lis = _qx_rmse1(xb, st, valid, steps_ptr, wb, 0.0, SB, 8 if KIND == 5 else 16, 1)
+                lmn = tl.zeros([S], tl.float32)
+                lm16 = tl.zeros([S], tl.float32)
+                NMIN: tl.constexpr = -8 if KIND == 5 else -16
+                NTOP: tl.constexpr = 7 if KIND == 5 else 15
+            else:  # Q4_1 / Q5_1: make_qkx3_quants(32, nmax, x, w, ..., -0.9f, 0.05f, 36, false)
+                lsc, tmin, _sw, lis, lmn = _qkx2(xb, st, valid, steps_ptr, 0.0, wb, SB, 15 if KIND == 7 else 31, 36,
+                                                False, False, True)
+                lm16 = _fp16(-tmin)
+                NMIN: tl.constexpr = 0
+                NTOP: tl.constexpr = 15 if KIND == 7 else 31
+            d2 = zero2
+            dm2 = zero2
+        elif KIND == 0 or KIND == 2 or KIND == 3:
             if IMPL:  # Q2_K / Q4_K / Q5_K _impl: weights qw*sqrt(sigma2 + x^2), sigma2 = (2*)mean(x^2) per 256
                 # C sums the super-block in order, so every lane redoes its super-block's sum
                 sbase = (sb_i // NSUB) * NSUB
@@ -528,13 +557,13 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
                     sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
                 _store_weights(xb, qb, wb, st, valid, sigma2, SB)
                 if KIND == 0:
-                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 3, 36, False, False, True)
+                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 3, 36, False, False, True)
                 elif KIND == 2:
-                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 15, 36, False, False, True)
+                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 15, 36, False, False, True)
                 else:
-                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 31, 36, False, False, True)
+                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 31, 36, False, False, True)
             elif KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
-                sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, 0.0, qb, SB, 3, 15, True, True, False)
+                sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, 0.0, qb, SB, 3, 15, True, True, False)
             else:  # Q4_K / Q5_K: weights av_x + |x|
                 sum_x2 = tl.zeros([S], tl.float32)
                 for i in range(SB):
@@ -542,9 +571,9 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
                     sum_x2 += xi * xi
                 av = tl.math.sqrt_rn(_div(sum_x2, tl.zeros_like(sum_x2) + 32.0))
                 if KIND == 2:
-                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, 15, 20, False, False, False)
+                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, 15, 20, False, False, False)
                 else:
-                    sc, mn, sw = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, 31, 15, False, False, False)
+                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, 31, 15, False, False, False)
             sc2 = tl.reshape(sc, [NSUPER, NSUB])
             mn2 = tl.reshape(mn, [NSUPER, NSUB])
             max_scale = tl.maximum(tl.max(sc2, axis=1), 0.0)
@@ -597,7 +626,8 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
                 sum_x2 += xl * xl
             sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
             sw = _store_weights(xb, qb, wb, st, valid, sigma2, SB)
-            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, wb, sigma2, SB, 4, 1), [NSUPER, NSUB])
+            sc_q3, _bis = _qx_rmse1(xb, st, valid, steps_ptr, wb, sigma2, SB, 4, 1)
+            sc2 = tl.reshape(sc_q3, [NSUPER, NSUB])
             d_blk, lq = _qx_cols(sc2, tl.reshape(sw, [NSUPER, NSUB]), qp_ptr + 16, NSUB, 32)
             d2 = _fp16(d_blk)[:, None] * lq  # the 6-bit field holds l + 32 and decodes to l
             dm2 = zero2
@@ -616,7 +646,8 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             NMIN: tl.constexpr = -4
             NTOP: tl.constexpr = 3
         else:  # Q6_K: make_qx_quants(16, 32, rmse_type 1), int8 scales against the first largest |scale|
-            sc2 = tl.reshape(_qx_rmse1(xb, st, valid, steps_ptr, qb, 0.0, SB, 32, 1 if IMPL else 0), [NSUPER, NSUB])
+            sc_q6, _bis = _qx_rmse1(xb, st, valid, steps_ptr, qb, 0.0, SB, 32, 1 if IMPL else 0)
+            sc2 = tl.reshape(sc_q6, [NSUPER, NSUB])
             max_scale, amax = _first_absmax_2d(sc2, NSUB)
             has = amax >= 1e-15
             iscale = _div(tl.zeros_like(max_scale) - 128.0, tl.where(has, max_scale, 1.0))
@@ -636,8 +667,15 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             im = tl.load(im_ptr + sb_i[:, None] * SB + j[None, :], mask=v2, other=0.0)
         else:
             im = tl.full([S, SB], 1.0, tl.float32)
-        lv = tl.minimum(tl.maximum(_rne(_div(x + dm[:, None], _safe(d)[:, None])), NMIN), NTOP)
-        deq = d[:, None] * lv - dm[:, None]
+        if KIND >= 5:  # the search's levels, x0*d (+ m)
+            if KIND <= 6:
+                lv = tl.minimum(tl.maximum(_rne(lis[:, None] * x), NMIN), NTOP)
+            else:
+                lv = tl.minimum(tl.maximum(_rne(lis[:, None] * (x - lmn[:, None])), NMIN), NTOP)
+            deq = lv * _fp16(lsc)[:, None] + lm16[:, None]
+        else:
+            lv = tl.minimum(tl.maximum(_rne(_div(x + dm[:, None], _safe(d)[:, None])), NMIN), NTOP)
+            deq = d[:, None] * lv - dm[:, None]
         if WRITE:  # Q(W) in the original layout, for the activation error
             tl.store(deq_ptr + pid_r.to(tl.int64) * n_per_row + sb_i[:, None] * SB + j[None, :], deq, mask=v2)
         s0, s1, s2, s3 = _tile_sums(x, deq, im, v2)
@@ -648,14 +686,30 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
     _store_row(out_ptr, pid_r, a0, a1, a2, a3)
 
 
+@triton.jit
+def _row_sumsq_kernel(x_ptr, out_ptr, rows, n, BLOCK_R: tl.constexpr):
+    """sum(x^2) of each row in C's loop order (one thread per row), for the legacy ``_impl`` sigma2."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m = r < rows
+    base = x_ptr + r.to(tl.int64) * n
+    acc = tl.zeros([BLOCK_R], tl.float32)
+    for j in range(0, n):
+        v = tl.load(base + j, mask=m, other=0.0).to(tl.float32)
+        acc += v * v
+    tl.store(out_ptr + r, acc, mask=m)
+
+
 @functools.cache
 def _steps(fmt: QuantFormat, device: str, impl: bool = False) -> torch.Tensor:
     params = KQUANT_IMPL_PARAMS if impl and fmt in KQUANT_IMPL_PARAMS else KQUANT_PARAMS
     if fmt in params:
         _, nmax, rmin, rdelta, nstep, _ = params[fmt]
         arr = qkx2_steps(nmax, rmin, rdelta, nstep)
-    else:  # make_qx_quants: Q6_K (nmax 32), Q3_K _impl's sub-blocks (nmax 4)
-        arr = qx_steps(4 if fmt is QuantFormat.Q3_K else 32)
+    elif impl and fmt in (QuantFormat.Q4_1, QuantFormat.Q5_1):  # make_qkx3_quants(32, 15/31, ..., -0.9, 0.05, 36)
+        arr = qkx2_steps(15 if fmt is QuantFormat.Q4_1 else 31, -0.9, 0.05, 36)
+    else:  # make_qx_quants: Q6_K (nmax 32), Q3_K _impl's sub-blocks (4), Q4_0/Q5_0 _impl (8/16)
+        nmax = {QuantFormat.Q3_K: 4, QuantFormat.Q4_0: 8, QuantFormat.Q5_0: 16}.get(fmt, 32)
+        arr = qx_steps(nmax)
     return torch.from_numpy(arr).to(device)
 
 
@@ -679,9 +733,8 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
             ``TRITON_INTERPRET=1``); 16-bit weights are widened in registers, never copied.
         fmt: one of :data:`TRITON_QUANT_FORMATS`.
         imatrix: optional ``[n_per_row]`` importance weights.
-        imatrix_quantizer: quantize as libggml does with this imatrix (``quantize_row_*_impl``), for
-            :data:`~dq.kernels.ref_quant.IMATRIX_EXACT_FORMATS` (the K-quants; Q8_0/TQ*_0 ignore the
-            imatrix in libggml too).
+        imatrix_quantizer: quantize as libggml does with this imatrix (``quantize_row_*_impl``; Q8_0 and
+            TQ*_0 ignore the imatrix in libggml too).
         return_dequantized: also write the fake-quantized tensor (float32, ``weight``'s shape) as ``"deq"``,
             for the activation error; the sums alone never write it.
         tile: blocks (legacy types) or super-blocks (K-quants) per loop step; tuning only.
@@ -690,10 +743,6 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
     Returns:
         dict of float32 ``[rows]`` tensors, as :func:`dq.kernels.ref_quant.error_sums`.
     """
-    from dq.kernels.ref_quant import IMATRIX_EXACT_FORMATS
-
-    if imatrix_quantizer and imatrix is not None and fmt not in IMATRIX_EXACT_FORMATS:
-        raise ValueError(f"no imatrix-aware kernel for {fmt}; ported: {[f.value for f in IMATRIX_EXACT_FORMATS]}")
     x = weight if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else weight.to(torch.float32)
     x = x.contiguous()
     rows, n = x.shape
@@ -701,7 +750,8 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
     im = imatrix.to(device=x.device, dtype=torch.float32).contiguous() if imatrix is not None else x
     out = torch.empty(rows, 4, device=x.device, dtype=torch.float32)
     deq = torch.empty(rows, n, device=x.device, dtype=torch.float32) if return_dequantized else out
-    if fmt in _LEGACY:
+    impl = imatrix_quantizer and imatrix is not None
+    if fmt in _LEGACY and not (impl and fmt in _LEGACY_IMPL):
         qk = spec.block_size
         # launch shapes from bench/kernels_sweep.py on an H100 (bench/results/kernels_sweep_h100.json)
         blocks = tile or (32 if qk == 32 else 8)
@@ -710,16 +760,21 @@ def quant_error_triton(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Te
             WRITE=return_dequantized, num_warps=num_warps or (4 if qk == 32 else 2), enable_fp_fusion=False,
         )
     else:
-        sb = 32 if fmt in (QuantFormat.Q4_K, QuantFormat.Q5_K) else 16
+        sb = 32 if fmt in (QuantFormat.Q4_K, QuantFormat.Q5_K) or fmt in _LEGACY_IMPL else 16
         nsuper = tile or 8
-        impl = imatrix_quantizer and imatrix is not None
+        rs = out
+        if fmt in _LEGACY_IMPL:  # sigma2 of the legacy _impl searches: the whole row's in-order sum of x^2
+            rs = torch.empty(rows, device=x.device, dtype=torch.float32)
+            _row_sumsq_kernel[(triton.cdiv(rows, 32),)](x, rs, rows, n, BLOCK_R=32, num_warps=1,
+                                                          enable_fp_fusion=False)
         xt = x.view(rows, n // sb, sb).transpose(1, 2).contiguous()  # one extra pass, ~1% of the kernel's time
         imt = im.view(n // sb, sb).t().contiguous() if impl else im
         wt = torch.empty(xt.shape, device=x.device, dtype=torch.float32) if impl else out
         dev = str(x.device)
         _kquant_kernel[(rows,)](
-            xt, im, imt, wt, out, deq, _steps(fmt, dev, impl), _qp_steps(dev), n, KIND=_KQ[fmt], SB=sb, NSUPER=nsuper,
-            HAS_IM=imatrix is not None, IMPL=impl, WRITE=return_dequantized, num_warps=num_warps or max(1, nsuper * (256 // sb) // 32),
+            xt, im, imt, wt, out, deq, _steps(fmt, dev, impl), _qp_steps(dev), rs, n, float(n),
+            KIND=_LEGACY_IMPL.get(fmt, _KQ.get(fmt)), SB=sb, NSUPER=nsuper, HAS_IM=imatrix is not None, IMPL=impl,
+            WRITE=return_dequantized, num_warps=num_warps or max(1, nsuper * (256 // sb) // 32),
             enable_fp_fusion=False,
         )
     res = {"sse": out[:, 0], "wsse": out[:, 1], "sumsq": out[:, 2], "wsumsq": out[:, 3]}

@@ -94,9 +94,8 @@ def quant_error(
         fmt: the candidate type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K).
         imatrix: optional ``[n_per_row]`` importance weights; they weight the error.
         backend: ``auto``, ``triton`` or ``torch``.
-        imatrix_quantizer: also quantize with the imatrix as libggml does (``quantize_row_*_impl``); only
-            for :data:`dq.kernels.ref_quant.IMATRIX_EXACT_FORMATS`. Off: ggml's reference (no-imatrix)
-            quantizer, see :func:`dq.kernels.ref_quant.quant_error`.
+        imatrix_quantizer: also quantize with the imatrix as libggml does (``quantize_row_*_impl``). Off:
+            ggml's reference (no-imatrix) quantizer, see :func:`dq.kernels.ref_quant.quant_error`.
         return_dequantized: also return the fake-quantized weights (float32) as ``"deq"``, from the same
             pass (for activation errors).
 

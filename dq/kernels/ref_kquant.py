@@ -18,7 +18,7 @@ import torch
 from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv
 from dq.quant.formats import QuantFormat
 
-__all__ = ["fake_quant_k", "fake_quant_k_imatrix", "qkx2_steps", "qx_steps", "qp_steps", "KQUANT_PARAMS",
+__all__ = ["fake_quant_k", "fake_quant_k_imatrix", "fake_quant_legacy_imatrix", "qkx2_steps", "qx_steps", "qp_steps", "KQUANT_PARAMS",
            "KQUANT_IMPL_PARAMS", "IMATRIX_K_FORMATS", "GROUP_MAX_EPS"]
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c GROUP_MAX_EPS
@@ -73,9 +73,11 @@ def _seq_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _make_qkx2(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qkx2_quants over rows of ``x`` ``[B, n]``; returns ``(scale, the_min)`` (``the_min = -min``)."""
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
+    levels: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """make_qkx2_quants (= make_qkx3_quants) over rows of ``x`` ``[B, n]``; returns ``(scale, the_min)``
+    (``the_min = -min``), and with ``levels`` also the chosen ``L`` (zeros for a flat row)."""
     mn = torch.clamp(x.amin(dim=1), max=0.0)  # `if (min > 0) min = 0;`
     mx = x.amax(dim=1)
     sum_w = _seq_sum(w)
@@ -94,6 +96,7 @@ def _make_qkx2(
     lv = torch.clamp(nearest_int(iscale[:, None] * xm), 0, nmax)
     best = err(scale, mn, lv)
     minv = mn.clone()
+    lbest = lv
     for num in qkx2_steps(nmax, rmin, rdelta, nstep):
         # C overwrites `min` when a step wins, so later steps search from the new min
         rng = torch.where(flat, torch.ones_like(mx), mx - minv)
@@ -114,8 +117,12 @@ def _make_qkx2(
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
         minv = torch.where(better, this_min, minv)
+        if levels:
+            lbest = torch.where(better[:, None], la, lbest)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     minv = torch.where(flat, mn, minv)
+    if levels:
+        return scale, -minv, torch.where(flat[:, None], torch.zeros_like(lbest), lbest)
     return scale, -minv
 
 
@@ -401,6 +408,26 @@ def fake_quant_k(blocks: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     if fmt is QuantFormat.Q6_K:
         return _q6_k(blocks)
     raise ValueError(f"{fmt} is not a K-quant with a reference port")
+
+
+def fake_quant_legacy_imatrix(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q{4,5}_{0,1}_impl`` then dequantize: rows ``[rows, n]`` with an ``[n]`` imatrix.
+
+    The weights are ``qw*sqrt(sigma2 + x^2)`` with ``sigma2`` the mean of x^2 over the *whole row* (summed in
+    order); Q4_0/Q5_0 search with make_qx_quants (rmse_type 1), Q4_1/Q5_1 with make_qkx3_quants, and the
+    search's own levels are stored (no re-rounding against the fp16 scale)."""
+    rows, n = x.shape
+    sigma2 = sdiv(_seq_sum(x * x), float(n))
+    xb = x.reshape(-1, 32)
+    qw = imatrix.to(device=x.device, dtype=torch.float32).reshape(1, n).expand(rows, n).reshape(-1, 32)
+    w = qw * _sqrt_rn(sigma2.repeat_interleave(n // 32)[:, None] + xb * xb)
+    if fmt in (QuantFormat.Q4_0, QuantFormat.Q5_0):
+        scale, lv = _make_qx(xb, 8 if fmt is QuantFormat.Q4_0 else 16, w)
+        return (lv * fp16_round(scale)[:, None]).reshape(rows, n)
+    if fmt in (QuantFormat.Q4_1, QuantFormat.Q5_1):
+        scale, the_min, lv = _make_qkx2(xb, w, 15 if fmt is QuantFormat.Q4_1 else 31, -0.9, 0.05, 36, False, levels=True)
+        return (lv * fp16_round(scale)[:, None] + fp16_round(-the_min)[:, None]).reshape(rows, n)
+    raise ValueError(f"{fmt} is not a legacy type with an imatrix port")
 
 
 def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,6 @@ from dq.quant.formats import FORMATS, QuantFormat
 
 __all__ = [
     "FAKE_QUANT_FORMATS",
-    "IMATRIX_EXACT_FORMATS",
     "fake_quant",
     "quant_error",
     "error_sums",
@@ -38,7 +37,8 @@ __all__ = [
     "sdiv",
 ]
 
-# Types whose ggml reference quantizer is ported (legacy, ternary and K-quants).
+# Types whose ggml quantizers are ported: the reference (no-imatrix) one and, for the same types, the
+# imatrix-aware quantize_row_*_impl (Q8_0 and TQ*_0 ignore the imatrix in libggml too).
 FAKE_QUANT_FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat.Q8_0,
     QuantFormat.Q4_0,
@@ -52,14 +52,6 @@ FAKE_QUANT_FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat.Q4_K,
     QuantFormat.Q5_K,
     QuantFormat.Q6_K,
-)
-
-
-# Types whose quantization *with an imatrix* is ported bit-exactly: libggml ignores the imatrix for
-# Q8_0/TQ1_0/TQ2_0, and the imatrix-aware quantize_row_q{2..6}_K_impl are ported in ref_kquant.
-IMATRIX_EXACT_FORMATS: tuple[QuantFormat, ...] = (
-    QuantFormat.Q8_0, QuantFormat.TQ1_0, QuantFormat.TQ2_0,
-    QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K,
 )
 
 
@@ -152,8 +144,8 @@ def fake_quant(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | N
     Args:
         weight: ``[rows, n_per_row]`` float tensor (converted to float32), on any device.
         fmt: one of :data:`FAKE_QUANT_FORMATS`; ``n_per_row`` must be a multiple of its block size.
-        imatrix: quantize as libggml does with this ``[n_per_row]`` imatrix (its ``quantize_row_*_impl``);
-            only for :data:`IMATRIX_EXACT_FORMATS`.
+        imatrix: quantize as libggml does with this ``[n_per_row]`` imatrix (its ``quantize_row_*_impl``;
+            Q8_0 and TQ*_0 ignore it there too).
 
     Returns:
         float32 tensor of ``weight``'s shape, equal bit for bit to
@@ -172,13 +164,14 @@ def fake_quant(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | N
         raise ValueError(f"row length {x.shape[1]} is not a multiple of {fmt}'s block size {bs}")
     b = x.reshape(-1, bs)
     if imatrix is not None:
-        if fmt not in IMATRIX_EXACT_FORMATS:
-            raise ValueError(f"no imatrix-aware port of {fmt}'s quantizer; ported: "
-                             f"{[f.value for f in IMATRIX_EXACT_FORMATS]} (libggml measures the others)")
         if fmt.value.endswith("_K"):
             from dq.kernels.ref_kquant import fake_quant_k_imatrix
 
             return fake_quant_k_imatrix(b, fmt, imatrix.reshape(-1)).reshape(x.shape)
+        if fmt in (QuantFormat.Q4_0, QuantFormat.Q4_1, QuantFormat.Q5_0, QuantFormat.Q5_1):
+            from dq.kernels.ref_kquant import fake_quant_legacy_imatrix
+
+            return fake_quant_legacy_imatrix(x, fmt, imatrix.reshape(-1))
     if fmt is QuantFormat.Q8_0:
         out = _q8_0(b)
     elif fmt is QuantFormat.Q4_0:
@@ -231,9 +224,9 @@ def quant_error(
     """Reference per-row quantization error of ``weight`` stored as ``fmt``.
 
     By default the quantizer is ggml's reference (no-imatrix) one and ``imatrix`` only weights the error.
-    With ``imatrix_quantizer`` it is libggml's imatrix-aware ``quantize_row_*_impl`` (ported for
-    :data:`IMATRIX_EXACT_FORMATS`), i.e. exactly what llama.cpp writes with that imatrix; the other
-    types' imatrix search lowers the weighted error by a bounded factor (``tests/kernels/test_kernels_ref.py``).
+    With ``imatrix_quantizer`` it is libggml's imatrix-aware ``quantize_row_*_impl``, i.e. exactly what
+    llama.cpp writes with that imatrix (the reference quantizer's weighted error is higher by a bounded,
+    type-dependent factor: ``tests/kernels/test_kernels_ref.py``).
 
     Args:
         weight: ``[rows, n_per_row]`` float tensor.

@@ -83,13 +83,10 @@ def test_kernel_path_equals_libggml_without_imatrix(cols, fmts):
 
 
 def test_kernel_path_with_imatrix_equals_libggml():
-    """With an imatrix, the K-quants run the ported imatrix quantizers and Q8_0/TQ2_0 (whose quantizers
-    ignore it) stay on the kernels; Q5_1 and Q4_0 (imatrix searches not ported) go to libggml: the whole
-    table equals the CPU path's."""
-    assert set(measure.kernel_formats(with_importance=True)) == {
-        F.Q8_0, F.TQ1_0, F.TQ2_0, F.Q2_K, F.Q3_K, F.Q4_K, F.Q5_K, F.Q6_K}
+    """With an imatrix the kernel path runs libggml's imatrix searches (quantize_row_*_impl; Q8_0/TQ2_0
+    ignore it) and IQ4_XS goes to libggml: the whole table equals the CPU path's."""
     mats = _mats(np.random.default_rng(1), 8, 256, imatrix=True)
-    fmts = [F.Q8_0, F.TQ2_0, F.Q2_K, F.Q3_K, F.Q4_K, F.Q5_K, F.Q6_K, F.Q5_1, F.Q4_0]
+    fmts = [F.Q8_0, F.TQ2_0, F.Q2_K, F.Q3_K, F.Q4_K, F.Q5_K, F.Q6_K, F.Q5_1, F.Q4_0, F.IQ4_XS]
     ref = measure_tensor(mats, (8, 256), fmts, kernels=False)
     got = measure_tensor(mats, (8, 256), fmts, kernels=True, device="cpu")
     for r, g in zip(ref, got):
@@ -113,7 +110,7 @@ def test_cuda_kernel_path_equals_libggml_without_imatrix():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_kernel_path_with_imatrix_equals_libggml():
-    fmts = [F.Q8_0, F.TQ2_0, F.Q2_K, F.Q3_K, F.Q4_K, F.Q5_K, F.Q6_K, F.Q5_1, F.Q4_0]
+    fmts = list(measure.kernel_formats()) + [F.IQ4_XS]
     mats = _mats(np.random.default_rng(9), 16, 768, imatrix=True)
     ref = measure_tensor(mats, (16, 768), fmts, kernels=False)
     got = measure_tensor(mats, (16, 768), fmts, device="cuda")

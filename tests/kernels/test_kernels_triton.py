@@ -80,8 +80,7 @@ def test_act_stats_kernel_matches_reference(dtype):
     assert torch.equal(got["max_abs"].cpu(), want["max_abs"])
 
 
-@pytest.mark.parametrize("fmt", [QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K,
-                                 QuantFormat.Q6_K, QuantFormat.Q8_0], ids=str)
+@pytest.mark.parametrize("fmt", SIMPLE + KQUANTS, ids=str)
 def test_imatrix_quantizer_kernels_match_libggml(fmt):
     """imatrix_quantizer=True: the kernel quantizes as libggml's quantize_row_*_impl; its error sums equal
     those of libggml's own bytes with that imatrix."""
@@ -96,13 +95,10 @@ def test_imatrix_quantizer_kernels_match_libggml(fmt):
                       imatrix_quantizer=True)
     for k in want:
         torch.testing.assert_close(got[k].cpu(), want[k], rtol=1e-5, atol=1e-12, msg=f"{fmt} {k}")
-    with pytest.raises(ValueError, match="no imatrix-aware kernel for Q5_0"):
-        quant_error(torch.from_numpy(w).to(DEV), QuantFormat.Q5_0, torch.from_numpy(im).to(DEV), backend="triton",
-                    imatrix_quantizer=True)
 
 
-@pytest.mark.parametrize("fmt,imq", [(QuantFormat.Q4_0, False), (QuantFormat.TQ1_0, False),
-                                     (QuantFormat.Q6_K, True), (QuantFormat.Q2_K, False)], ids=str)
+@pytest.mark.parametrize("fmt,imq", [(QuantFormat.Q4_0, False), (QuantFormat.TQ1_0, False), (QuantFormat.Q6_K, True),
+                                     (QuantFormat.Q2_K, False), (QuantFormat.Q5_1, True)], ids=str)
 def test_return_dequantized_equals_libggml(fmt, imq):
     """The same pass can write Q(W) (for activation errors): it equals libggml's dequantized bytes."""
     w = make_weights(3, 512, seed=13)
