@@ -446,6 +446,20 @@ def _qp(x2, w2, qp_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
 
 
 @triton.jit
+def _qx_col_sums(x2, w2, wx, isc, jj, NSUB: tl.constexpr, NMAX: tl.constexpr):
+    # make_qx_quants' in-order sums of w*x*l and w*l*l for one iscale, per row of an [R, NSUB] tile
+    lv = tl.minimum(tl.maximum(_rne(isc[:, None] * x2), -NMAX), NMAX - 1)
+    t1 = wx * lv
+    t2 = (w2 * lv) * lv
+    slx = _col(t1, jj, 0)
+    sl2 = _col(t2, jj, 0)
+    for i in range(1, NSUB):
+        slx += _col(t1, jj, i)
+        sl2 += _col(t2, jj, i)
+    return slx, sl2
+
+
+@triton.jit
 def _qx_cols(x2, w2, steps_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
     """make_qx_quants(NSUB, NMAX, x, L, 1, w) per row of an [R, NSUB] tile: (scale [R], l [R, NSUB]) with
     l = L - NMAX in [-NMAX, NMAX-1] (an all-zero row gives L = 0, i.e. l = -NMAX, as C's memset)."""
@@ -455,27 +469,13 @@ def _qx_cols(x2, w2, steps_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
     mxs = tl.where(zero, 1.0, mx)
     wx = w2 * x2
     iscale = _div(tl.zeros_like(mxs) - NMAX, mxs)
-    lv = tl.minimum(tl.maximum(_rne(iscale[:, None] * x2), -NMAX), NMAX - 1)
-    t1 = wx * lv
-    t2 = (w2 * lv) * lv
-    sumlx = _col(t1, jj, 0)
-    suml2 = _col(t2, jj, 0)
-    for i in range(1, NSUB):
-        sumlx += _col(t1, jj, i)
-        suml2 += _col(t2, jj, i)
+    sumlx, suml2 = _qx_col_sums(x2, w2, wx, iscale, jj, NSUB, NMAX)
     scale = tl.where(suml2 != 0, _div(sumlx, _safe(suml2)), 0.0)
     best = scale * sumlx
     best_is = iscale
     for s in range(18):
         isc = _div(tl.zeros_like(mxs) + tl.load(steps_ptr + s), mxs)
-        lv = tl.minimum(tl.maximum(_rne(isc[:, None] * x2), -NMAX), NMAX - 1)
-        t1 = wx * lv
-        t2 = (w2 * lv) * lv
-        slx = _col(t1, jj, 0)
-        sl2 = _col(t2, jj, 0)
-        for i in range(1, NSUB):
-            slx += _col(t1, jj, i)
-            sl2 += _col(t2, jj, i)
+        slx, sl2 = _qx_col_sums(x2, w2, wx, isc, jj, NSUB, NMAX)
         better = (sl2 > 0) & (slx * slx > best * sl2)
         scale = tl.where(better, _div(slx, _safe(sl2)), scale)
         best = tl.where(better, scale * slx, best)
