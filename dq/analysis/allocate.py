@@ -32,7 +32,7 @@ from dq.quant.assign import SourceTensor
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, tensor_nbytes
 from dq.quant.plan import PlanTensor, QuantPlan, tensor_fingerprint
 
-__all__ = ["Option", "Item", "build_items", "solve", "allocate"]
+__all__ = ["Option", "Item", "build_items", "solve", "allocate", "plan_from_picks"]
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,31 @@ def allocate(
             f"policy floors"
         )
     choice = solve(items, budget_bytes - fixed)
-    by_name = {it.name: (it, it.options[c]) for it, c in zip(items, choice)}
+    return plan_from_picks(analysis, sources, items, {it.name: it.options[c] for it, c in zip(items, choice)},
+                           budget_bytes, header_bytes=header_bytes, policy=policy, alignment=alignment,
+                           analysis_path=analysis_path, damage_model=damage_model)
+
+
+def plan_from_picks(
+    analysis: Analysis,
+    sources: Sequence[SourceTensor],
+    items: Sequence[Item],
+    picks: Mapping[str, Option],
+    budget_bytes: int,
+    *,
+    header_bytes: int,
+    policy: Policy,
+    alignment: int = DEFAULT_ALIGNMENT,
+    analysis_path: str | None = None,
+    damage_model: str = "",
+) -> QuantPlan:
+    """The :class:`QuantPlan` that takes option ``picks[name]`` for every item (``--refine`` moves, and
+    :func:`allocate`'s solution); tensors that are not items are kept as they are.
+
+    Raises:
+        AssertionError: the picks exceed the budget (callers check before).
+    """
+    by_name = {it.name: (it, picks[it.name]) for it in items}
     tensors: dict[str, PlanTensor] = {}
     damage = 0.0
     for src in sources:
