@@ -1,14 +1,18 @@
 """Triton kernels: fused fake-quantization and per-row error reduction (GPU, or TRITON_INTERPRET=1).
 
 One pass reads the weights once, quantizes and dequantizes each block in registers, and reduces
-``sse``, ``wsse``, ``sumsq`` and ``wsumsq`` per program; the dequantized tensor is never written.
+``sse``, ``wsse``, ``sumsq`` and ``wsumsq`` per row; the dequantized tensor is written only when asked
+(``return_dequantized``, for activation errors). Both of ggml's quantizers are ported: the reference
+``quantize_row_*_ref`` and, with ``imatrix_quantizer=True``, the imatrix-aware ``quantize_row_*_impl``
+(``make_qkx3_quants``, ``make_qp_quants``, weighted ``make_qx_quants``).
 
-Exactness with ggml's reference quantizers (and with :mod:`dq.kernels.ref_quant`) rests on:
+Exactness with ggml's quantizers (and with :mod:`dq.kernels.ref_quant`) rests on:
 - ``enable_fp_fusion=False`` at launch, so no FMA contracts ``a*b + c`` (libggml-base has no FMA);
 - ``tl.math.div_rn`` / ``sqrt_rn``: Triton's ``/`` and ``tl.sqrt`` are approximate for float32;
-- sums that feed a scale search run sequentially per sub-block, one thread per sub-block, as the C
-  loops in ``make_qkx2_quants`` / ``make_q3_quants`` / ``make_qx_quants`` do;
-- ``nearest_int`` and ``roundf`` built from exact truncation, not from libdevice.
+- sums that feed a scale search run sequentially, one lane per sub-block (or per super-block / row for
+  the ``_impl`` paths' sigma2 and scale-of-scales searches), as the C loops do;
+- ``nearest_int``, truncation and ``roundf`` as single rounding instructions when compiled, and as exact
+  cast emulations in the interpreter.
 
 This module imports Triton at import time; :mod:`dq.kernels.api` imports it only when asked to.
 """

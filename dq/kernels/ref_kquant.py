@@ -1,9 +1,12 @@
-"""Torch reference of the K-quant reference quantizers (``quantize_row_q{2..6}_K_ref`` in ggml-quants.c).
+"""Torch reference of ggml's K-quant quantizers, and of the imatrix searches of all ported types.
 
-The scale searches (``make_qkx2_quants``, ``make_q3_quants``, ``make_qx_quants``) run vectorized over all
-sub-blocks at once, with the per-element sums accumulated sequentially as in C so the chosen scales are
-bit-identical. The searched quantized values ``L`` never reach the output (the super-block scale is
-requantized and every weight is re-rounded against it), so only the sub-block scales and mins are kept.
+``fake_quant_k`` ports ``quantize_row_q{2..6}_K_ref``; ``fake_quant_k_imatrix`` and
+``fake_quant_legacy_imatrix`` port the imatrix-aware ``quantize_row_*_impl`` of Q2_K..Q6_K and
+Q4_0/Q4_1/Q5_0/Q5_1. The scale searches (``make_qkx2/3_quants``, ``make_q3_quants``, ``make_qx_quants``,
+``make_qp_quants``) run vectorized over all sub-blocks at once, with the per-element sums accumulated
+sequentially as in C so the chosen scales are bit-identical. For the K-quants the searched levels never
+reach the output (every weight is re-rounded against the stored scales); the legacy ``_impl`` paths keep
+the search's levels.
 
 The search step constants (``rmin + rdelta*is + nmax``) are float32 expressions in C; they are
 precomputed here with numpy float32 so that Python's double arithmetic cannot leak in. The Triton
