@@ -34,11 +34,13 @@ KQUANT_PARAMS: dict[QuantFormat, tuple[int, int, float, float, int, bool]] = {
 }
 
 
-# (sub-block size, nmax, rmin, rdelta, nstep, use_mad) of make_qkx3_quants in the imatrix (_impl) paths.
+# (block size, nmax, rmin, rdelta, nstep, use_mad) of make_qkx3_quants in the imatrix (_impl) paths.
 KQUANT_IMPL_PARAMS: dict[QuantFormat, tuple[int, int, float, float, int, bool]] = {
     QuantFormat.Q2_K: (16, 3, -0.9, 0.05, 36, False),
     QuantFormat.Q4_K: (32, 15, -0.9, 0.05, 36, False),
     QuantFormat.Q5_K: (32, 31, -0.9, 0.05, 36, False),
+    QuantFormat.Q4_1: (32, 15, -0.9, 0.05, 36, False),
+    QuantFormat.Q5_1: (32, 31, -0.9, 0.05, 36, False),
 }
 # K-quants whose imatrix-aware quantizer (quantize_row_*_impl) is ported here and in the Triton kernels.
 IMATRIX_K_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K)
@@ -162,16 +164,11 @@ def _make_q3(x: torch.Tensor, nmax: int) -> torch.Tensor:
     return torch.where(zero, torch.zeros_like(scale), scale)
 
 
-def _make_qx_rmse1(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> torch.Tensor:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) over rows of ``x``; returns the scale.
-
-    Without ``qw`` the weights are ``x*x`` (the reference path), with it the importance weights."""
-    return _make_qx(x, nmax, qw)[0]
-
-
 def _make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants(n, nmax, x, L, 1, qw): ``(scale, l)`` with ``l = L - nmax`` from the winning step
-    (an all-zero row gives ``L = 0``, i.e. ``l = -nmax``)."""
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) over rows of ``x``: ``(scale, l)`` with ``l = L - nmax``
+    from the winning step (an all-zero row gives ``L = 0``, i.e. ``l = -nmax``).
+
+    Without ``qw`` the weights are ``x*x`` (the reference path), with it the given weights."""
     mx, amax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
@@ -252,6 +249,23 @@ def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor,
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], torch.zeros_like(lv), lv)
 
 
+def _impl_weights(b: torch.Tensor, qw: torch.Tensor, sb: int, twice: bool) -> tuple[torch.Tensor, ...]:
+    """The K-quant _impl searches' inputs: sub-blocks ``x``, weights ``qw*sqrt(sigma2 + x^2)`` with
+    ``sigma2 = (2*)sum(x^2)/256`` of each super-block summed in order, and each sub-block's sum of weights."""
+    sigma2 = sdiv((2.0 if twice else 1.0) * _seq_sum(b * b), 256.0)
+    x = b.reshape(-1, sb)
+    w = qw.reshape(-1, sb) * _sqrt_rn(sigma2.repeat_interleave(256 // sb)[:, None] + x * x)
+    return x, w, _seq_sum(w).reshape(-1, 256 // sb)
+
+
+def _requant_sym(b: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    # Q3_K / Q6_K: every weight re-rounded against its 16-weight sub-block's signed scale d
+    xs = b.reshape(-1, 16, 16)
+    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
+    lv = torch.clamp(nearest_int(xs / ds), lo, hi)
+    return (d[..., None] * lv).reshape(b.shape)
+
+
 def _requant_min(b: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, nsub: int, sb: int, nmax: int) -> torch.Tensor:
     # every weight re-rounded against its sub-block's (d, dm); `if (!d) continue;` keeps the search's L,
     # but d*L - dm is then -dm whatever L is
@@ -267,10 +281,7 @@ def _min_max_k_imatrix(b: torch.Tensor, fmt: QuantFormat, qw: torch.Tensor) -> t
     # each sub-block's sum of weights
     sb, nmax, rmin, rdelta, nstep, mad = KQUANT_IMPL_PARAMS[fmt]
     nsub = 256 // sb
-    sigma2 = sdiv(2.0 * _seq_sum(b * b), 256.0)
-    x = b.reshape(-1, sb)
-    w = qw.reshape(-1, sb) * _sqrt_rn(sigma2.repeat_interleave(nsub)[:, None] + x * x)
-    sw = _seq_sum(w).reshape(-1, nsub)
+    x, w, sw = _impl_weights(b, qw, sb, twice=True)
     sc, mn = _make_qkx2(x, w, nmax, rmin, rdelta, nstep, mad)  # make_qkx3_quants: the same search
     d_block, ls = _make_qp(sc.reshape(-1, nsub), 63, sw)
     m_block, lm = _make_qp(mn.reshape(-1, nsub), 63, sw)
@@ -286,10 +297,7 @@ def _q2_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     # quantize_row_q2_K_impl: weights qw*sqrt(sigma2 + x^2) with sigma2 = mean(x^2) of the super-block,
     # make_qkx3_quants per 16 (squared error), then 4-bit scales and mins by make_qp_quants
     sb, nmax, rmin, rdelta, nstep, mad = KQUANT_IMPL_PARAMS[QuantFormat.Q2_K]
-    sigma2 = sdiv(_seq_sum(b * b), 256.0)
-    x = b.reshape(-1, sb)
-    w = qw.reshape(-1, sb) * _sqrt_rn(sigma2.repeat_interleave(16)[:, None] + x * x)
-    sw = _seq_sum(w).reshape(-1, 16)
+    x, w, sw = _impl_weights(b, qw, sb, twice=False)
     sc, mn = _make_qkx2(x, w, nmax, rmin, rdelta, nstep, mad)
     d_block, ls = _make_qp(sc.reshape(-1, 16), 15, sw)
     m_block, lm = _make_qp(mn.reshape(-1, 16), 15, sw)
@@ -303,17 +311,10 @@ def _q3_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     # quantize_row_q3_K_impl: weights qw*sqrt(sigma2 + x^2) with sigma2 = 2*mean(x^2) of the super-block,
     # make_qx_quants(16, 4, rmse_type 1) per sub-block, then the 16 scales by make_qx_quants(16, 32) weighted
     # by each sub-block's sum of weights; the 6-bit field holds l + 32 and decodes to l
-    sigma2 = sdiv(2.0 * _seq_sum(b * b), 256.0)
-    x = b.reshape(-1, 16)
-    w = qw.reshape(-1, 16) * _sqrt_rn(sigma2.repeat_interleave(16)[:, None] + x * x)
-    sw = _seq_sum(w).reshape(-1, 16)
+    x, w, sw = _impl_weights(b, qw, 16, twice=True)
     sc = _make_qx(x, 4, w)[0].reshape(-1, 16)
     d_block, lq = _make_qx(sc, 32, sw)
-    d = fp16_round(d_block)[:, None] * lq
-    xs = b.reshape(-1, 16, 16)
-    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
-    lv = torch.clamp(nearest_int(xs / ds), -4, 3)
-    return (d[..., None] * lv).reshape(b.shape)
+    return _requant_sym(b, fp16_round(d_block)[:, None] * lq, -4, 3)
 
 
 def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> torch.Tensor:
@@ -369,27 +370,19 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     lq = torch.clamp(nearest_int(iscale[:, None] * sc), -32, 31)
     lq = torch.where(has[:, None], lq, torch.full_like(lq, -32.0))  # memset(scales, 0) decodes to -32
     d16 = torch.where(has, fp16_round(rdiv(1.0, iscale)), torch.zeros_like(iscale))
-    d = d16[:, None] * lq
-    xs = b.reshape(-1, 16, 16)
-    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
-    lv = torch.clamp(nearest_int(xs / ds), -4, 3)
-    return (d[..., None] * lv).reshape(b.shape)
+    return _requant_sym(b, d16[:, None] * lq, -4, 3)
 
 
 def _q6_k(b: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     # quantize_row_q6_K_ref: make_qx_quants(16, 32, rmse_type 1), 8-bit scales against the largest-|.| one;
     # quantize_row_q6_K_impl is the same with the importance weights in the search
-    sc = _make_qx_rmse1(b.reshape(-1, 16), 32, None if qw is None else qw.reshape(-1, 16)).reshape(-1, 16)
+    sc = _make_qx(b.reshape(-1, 16), 32, None if qw is None else qw.reshape(-1, 16))[0].reshape(-1, 16)
     max_scale, max_abs = first_absmax(sc)
     has = max_abs >= GROUP_MAX_EPS
     iscale = rdiv(-128.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
     lq = torch.clamp(nearest_int(iscale[:, None] * sc), max=127)
     d16 = torch.where(has, fp16_round(rdiv(1.0, iscale)), torch.zeros_like(iscale))
-    d = d16[:, None] * torch.where(has[:, None], lq, torch.zeros_like(lq))
-    xs = b.reshape(-1, 16, 16)
-    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
-    lv = torch.clamp(nearest_int(xs / ds), -32, 31)
-    return (d[..., None] * lv).reshape(b.shape)
+    return _requant_sym(b, d16[:, None] * torch.where(has[:, None], lq, torch.zeros_like(lq)), -32, 31)
 
 
 def fake_quant_k(blocks: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
@@ -428,7 +421,8 @@ def fake_quant_legacy_imatrix(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.
         scale, lv = _make_qx(xb, 8 if fmt is QuantFormat.Q4_0 else 16, w)
         return (lv * fp16_round(scale)[:, None]).reshape(rows, n)
     if fmt in (QuantFormat.Q4_1, QuantFormat.Q5_1):
-        scale, the_min, lv = _make_qkx2(xb, w, 15 if fmt is QuantFormat.Q4_1 else 31, -0.9, 0.05, 36, False, levels=True)
+        _, nmax, rmin, rdelta, nstep, mad = KQUANT_IMPL_PARAMS[fmt]
+        scale, the_min, lv = _make_qkx2(xb, w, nmax, rmin, rdelta, nstep, mad, levels=True)
         return (lv * fp16_round(scale)[:, None] + fp16_round(-the_min)[:, None]).reshape(rows, n)
     raise ValueError(f"{fmt} is not a legacy type with an imatrix port")
 
@@ -451,7 +445,7 @@ def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.
         return _q2_k_imatrix(blocks, qw)
     if fmt is QuantFormat.Q3_K:
         return _q3_k_imatrix(blocks, qw)
-    if fmt in KQUANT_IMPL_PARAMS:
+    if fmt in (QuantFormat.Q4_K, QuantFormat.Q5_K):
         return _min_max_k_imatrix(blocks, fmt, qw)
     if fmt is QuantFormat.Q6_K:
         return _q6_k(blocks, qw)
