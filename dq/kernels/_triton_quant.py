@@ -96,13 +96,14 @@ def _safe(d):
 
 
 @triton.jit
-def _tile_sums(x, deq, im, valid):
-    """Per-tile-row partial sums of e^2, im*e^2, x^2 and im*x^2 (each reduced over axis 1)."""
+def _add_tile_sums(a0, a1, a2, a3, x, deq, im, valid):
+    """The running per-tile-row sums of e^2, im*e^2, x^2 and im*x^2, plus this tile's (reduced over axis 1)."""
     e = tl.where(valid, x - deq, 0.0)
     xx = tl.where(valid, x, 0.0)
     e2 = e * e
     x2 = xx * xx
-    return tl.sum(e2, axis=1), tl.sum(e2 * im, axis=1), tl.sum(x2, axis=1), tl.sum(x2 * im, axis=1)
+    return (a0 + tl.sum(e2, axis=1), a1 + tl.sum(e2 * im, axis=1), a2 + tl.sum(x2, axis=1),
+            a3 + tl.sum(x2 * im, axis=1))
 
 
 @triton.jit
@@ -174,11 +175,7 @@ def _legacy_kernel(x_ptr, im_ptr, out_ptr, deq_ptr, n_per_row,
         deq = _legacy_tile(x, j, KIND, QK, BLOCKS)
         if WRITE:  # Q(W) for the activation error; the error sums alone never need it
             tl.store(deq_ptr + pid_r.to(tl.int64) * n_per_row + col, deq, mask=valid)
-        s0, s1, s2, s3 = _tile_sums(x, deq, im, valid)
-        a0 += s0
-        a1 += s1
-        a2 += s2
-        a3 += s3
+        a0, a1, a2, a3 = _add_tile_sums(a0, a1, a2, a3, x, deq, im, valid)
     _store_row(out_ptr, pid_r, a0, a1, a2, a3)
 
 
@@ -287,6 +284,18 @@ def _qxw(xi, qb, i, st, valid, av, WM: tl.constexpr):
         return xi * xi
     else:
         return tl.load(qb + i * st, mask=valid, other=0.0)
+
+
+@triton.jit
+def _sb_sumsq(row_ptr, sb_i, st, valid, SB: tl.constexpr, NSUB: tl.constexpr):
+    """sum(x^2) of each lane's 256-weight super-block in C's order (every lane of the super-block redoes
+    it; the rows are sub-block transposed, so weight l sits at sub-block l // SB, offset l % SB)."""
+    sbase = (sb_i // NSUB) * NSUB
+    acc = tl.zeros(sb_i.shape, tl.float32)
+    for l in range(256):
+        xl = tl.load(row_ptr + sbase + l // SB + (l % SB) * st, mask=valid, other=0.0).to(tl.float32)
+        acc += xl * xl
+    return acc
 
 
 @triton.jit
@@ -548,24 +557,15 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             d2 = zero2
             dm2 = zero2
         elif KIND == 0 or KIND == 2 or KIND == 3:
+            QMAX: tl.constexpr = 3 if KIND == 0 else (15 if KIND == 2 else 31)
             if IMPL:  # Q2_K / Q4_K / Q5_K _impl: weights qw*sqrt(sigma2 + x^2), sigma2 = (2*)mean(x^2) per 256
-                # C sums the super-block in order, so every lane redoes its super-block's sum
-                sbase = (sb_i // NSUB) * NSUB
-                sum_x2 = tl.zeros([S], tl.float32)
-                for l in range(256):
-                    xl = tl.load(row_ptr + sbase + l // SB + (l % SB) * st, mask=valid, other=0.0).to(tl.float32)
-                    sum_x2 += xl * xl
+                sum_x2 = _sb_sumsq(row_ptr, sb_i, st, valid, SB, NSUB)
                 if KIND == 0:
                     sigma2 = _div(sum_x2, tl.zeros_like(sum_x2) + 256.0)
                 else:
                     sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
                 _store_weights(xb, qb, wb, st, valid, sigma2, SB)
-                if KIND == 0:
-                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 3, 36, False, False, True)
-                elif KIND == 2:
-                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 15, 36, False, False, True)
-                else:
-                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, 31, 36, False, False, True)
+                sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, QMAX, 36, False, False, True)
             elif KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
                 sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, 0.0, qb, SB, 3, 15, True, True, False)
             else:  # Q4_K / Q5_K: weights av_x + |x|
@@ -574,10 +574,8 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
                     xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
                     sum_x2 += xi * xi
                 av = tl.math.sqrt_rn(_div(sum_x2, tl.zeros_like(sum_x2) + 32.0))
-                if KIND == 2:
-                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, 15, 20, False, False, False)
-                else:
-                    sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, 31, 15, False, False, False)
+                QSTEP: tl.constexpr = 20 if KIND == 2 else 15
+                sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, QMAX, QSTEP, False, False, False)
             sc2 = tl.reshape(sc, [NSUPER, NSUB])
             mn2 = tl.reshape(mn, [NSUPER, NSUB])
             max_scale = tl.maximum(tl.max(sc2, axis=1), 0.0)
@@ -598,7 +596,7 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
                 d2 = _fp16(d_blk)[:, None] * tl.minimum(ls, 63.0)
                 dm2 = _fp16(m_blk)[:, None] * tl.minimum(lm, 63.0)
                 NMIN: tl.constexpr = 0
-                NTOP: tl.constexpr = 15 if KIND == 2 else 31
+                NTOP: tl.constexpr = QMAX
             elif KIND == 0:
                 has_s = max_scale > 0
                 has_m = max_min > 0
@@ -621,13 +619,9 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
                 d2 = _fp16(_div(max_scale, tl.zeros_like(max_scale) + 63.0))[:, None] * ls
                 dm2 = _fp16(_div(max_min, tl.zeros_like(max_min) + 63.0))[:, None] * lm
                 NMIN: tl.constexpr = 0
-                NTOP: tl.constexpr = 15 if KIND == 2 else 31
+                NTOP: tl.constexpr = QMAX
         elif KIND == 1 and IMPL:  # Q3_K _impl: weighted make_qx_quants per 16, then make_qx_quants on the scales
-            sbase = (sb_i // NSUB) * NSUB
-            sum_x2 = tl.zeros([S], tl.float32)
-            for l in range(256):
-                xl = tl.load(row_ptr + sbase + l // SB + (l % SB) * st, mask=valid, other=0.0).to(tl.float32)
-                sum_x2 += xl * xl
+            sum_x2 = _sb_sumsq(row_ptr, sb_i, st, valid, SB, NSUB)
             sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
             sw = _store_weights(xb, qb, wb, st, valid, sigma2, SB)
             sc_q3, _bis = _qx_rmse1(xb, st, valid, steps_ptr, wb, sigma2, SB, 4, 1)
@@ -682,11 +676,7 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             deq = d[:, None] * lv - dm[:, None]
         if WRITE:  # Q(W) in the original layout, for the activation error
             tl.store(deq_ptr + pid_r.to(tl.int64) * n_per_row + sb_i[:, None] * SB + j[None, :], deq, mask=v2)
-        s0, s1, s2, s3 = _tile_sums(x, deq, im, v2)
-        a0 += s0
-        a1 += s1
-        a2 += s2
-        a3 += s3
+        a0, a1, a2, a3 = _add_tile_sums(a0, a1, a2, a3, x, deq, im, v2)
     _store_row(out_ptr, pid_r, a0, a1, a2, a3)
 
 
@@ -709,8 +699,6 @@ def _steps(fmt: QuantFormat, device: str, impl: bool = False) -> torch.Tensor:
     if fmt in params:
         _, nmax, rmin, rdelta, nstep, _ = params[fmt]
         arr = qkx2_steps(nmax, rmin, rdelta, nstep)
-    elif impl and fmt in (QuantFormat.Q4_1, QuantFormat.Q5_1):  # make_qkx3_quants(32, 15/31, ..., -0.9, 0.05, 36)
-        arr = qkx2_steps(15 if fmt is QuantFormat.Q4_1 else 31, -0.9, 0.05, 36)
     else:  # make_qx_quants: Q6_K (nmax 32), Q3_K _impl's sub-blocks (4), Q4_0/Q5_0 _impl (8/16)
         nmax = {QuantFormat.Q3_K: 4, QuantFormat.Q4_0: 8, QuantFormat.Q5_0: 16}.get(fmt, 32)
         arr = qx_steps(nmax)
