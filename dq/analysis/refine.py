@@ -46,6 +46,17 @@ class _Probe:
     gain: float  # measured KLD decrease; negative when the move hurts
 
 
+def _current(it: Item, types: Mapping) -> Option | None:
+    """The option of ``it`` that the plan's ``types`` chose (None if the plan holds another type)."""
+    return next((o for o in it.options if o.fmt is types.get(it.name)), None)
+
+
+def _step(it: Item, cur: Option, up: bool) -> Option | None:
+    """``it``'s next option by bytes above (``up``) or below ``cur``, or None at the end of its ladder."""
+    opts = [o for o in it.options if (o.nbytes > cur.nbytes if up else o.nbytes < cur.nbytes)]
+    return (min if up else max)(opts, key=lambda o: o.nbytes) if opts else None
+
+
 @dataclass(frozen=True)
 class RefineStep:
     what: str
@@ -112,10 +123,9 @@ def refine_plan(
                 types = dict(best.explicit_types())
                 predicted = 0.0
                 for it in group:
-                    cur = next((o for o in it.options if o.fmt is types[it.name]), None)
-                    higher = [o for o in it.options if cur is not None and o.nbytes > cur.nbytes]
-                    if higher:
-                        up = min(higher, key=lambda o: o.nbytes)
+                    cur = _current(it, types)
+                    up = _step(it, cur, up=True) if cur is not None else None
+                    if up is not None:
                         types[it.name] = up.fmt
                         predicted += cur.damage - up.damage
                 if predicted <= 0:
@@ -149,11 +159,7 @@ def _swap_round(best: QuantPlan, best_kld: float, items: list[Item], measure, ma
                 tries: int) -> tuple[QuantPlan, float]:
     """Step 4 of the module docstring: probe every role group one step up and down, then try moves."""
     types = best.explicit_types()
-    cur: dict[str, Option] = {}
-    for it in items:
-        o = next((o for o in it.options if o.fmt is types.get(it.name)), None)
-        if o is not None:
-            cur[it.name] = o
+    cur = {it.name: o for it in items if (o := _current(it, types)) is not None}
     by_role: dict[str, list[Item]] = {}
     for it in items:
         if it.name in cur:
@@ -161,12 +167,7 @@ def _swap_round(best: QuantPlan, best_kld: float, items: list[Item], measure, ma
     probes: list[_Probe] = []
     for role, group in by_role.items():
         for up in (True, False):
-            picks = {}
-            for it in group:
-                c = cur[it.name]
-                opts = [o for o in it.options if (o.nbytes > c.nbytes if up else o.nbytes < c.nbytes)]
-                if opts:
-                    picks[it.name] = (min if up else max)(opts, key=lambda o: o.nbytes)
+            picks = {it.name: o for it in group if (o := _step(it, cur[it.name], up)) is not None}
             if not picks:
                 continue
             dbytes = sum(o.nbytes - cur[n].nbytes for n, o in picks.items())
