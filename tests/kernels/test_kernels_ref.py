@@ -81,7 +81,8 @@ def test_error_sums_hand_computed():
 
 
 # The no-imatrix quantizer against llama.cpp's imatrix one (quantize_row_*_impl, importance-weighted
-# scale search, ported above and used with imatrix_quantizer=True). Measured on these weights (5x512 Gaussian with outliers, imatrix uniform in [0.1, 1.1]):
+# scale search, ported above and used with imatrix_quantizer=True). Measured on these weights (5x512
+# Gaussian with outliers, imatrix uniform in [0.1, 1.1]):
 # wsse(no-imatrix quantizer) / wsse(llama.cpp imatrix quantizer). Q8_0/TQ*_0 ignore the imatrix in C.
 IMATRIX_WSSE_RATIO = {
     QuantFormat.Q8_0: 1.0, QuantFormat.Q4_0: 1.0587, QuantFormat.Q4_1: 1.7693, QuantFormat.Q5_0: 1.0131,

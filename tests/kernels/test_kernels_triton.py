@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from dq.kernels import act_stats, dequantize, quant_error  # noqa: E402
 from dq.kernels.api import TRITON_DEQUANT_FORMATS  # noqa: E402
+from dq.kernels.ref_quant import error_sums  # noqa: E402
 from dq.kernels.ref_quant import quant_error as quant_error_ref  # noqa: E402
 from dq.quant import QuantFormat, libggml  # noqa: E402
 
@@ -88,8 +89,6 @@ def test_imatrix_quantizer_kernels_match_libggml(fmt):
     w = make_weights(5, 1024, seed=11) if CUDA else make_weights(3, 512, seed=11)[:2].copy()
     im = (np.random.default_rng(12).random(w.shape[1]) ** 4 + 1e-3).astype(np.float32)
     deq = libggml.dequantize(libggml.quantize(w, fmt, im), fmt, w.shape)
-    from dq.kernels.ref_quant import error_sums
-
     want = error_sums(torch.from_numpy(w), torch.from_numpy(deq), torch.from_numpy(im))
     got = quant_error(torch.from_numpy(w).to(DEV), fmt, torch.from_numpy(im).to(DEV), backend="triton",
                       imatrix_quantizer=True)
