@@ -1,19 +1,25 @@
 """``analyze``: the whole measurement of one model, streamed block by block, resumable.
 
-Flow (each step's output is checkpointed under ``OUT/blocks/``):
+Flow (every step checkpoints under ``OUT/blocks/``, :mod:`dq.analysis.checkpoints`):
 
-1. tokenize calibration text; embed it and capture each layer's call arguments (:mod:`dq.analysis.stream`);
-2. per decoder block: load its weights, run every calibration sequence through it with hooks
-   (:mod:`dq.analysis.collect`), measure every tensor x candidate (:mod:`dq.analysis.measure`) and its
-   down-projection spikes, save ``layer_NNNN.json/.npz`` and the block's output hidden states, free it;
-3. final norm + LM head (imatrix and errors of ``output.weight``, or of ``token_embd.weight`` when tied),
-   embeddings, vision tower (weight error only: calibration is text);
-4. super weights: candidates from the spikes, confirmed by ablation on held-out text;
-5. write ``analysis.json``, ``imatrix.gguf``, CSV tables and plots (:mod:`dq.analysis.report`).
+1. sample calibration windows across every source (:mod:`dq.calibration`); embed them and capture each
+   layer's call arguments (:mod:`dq.analysis.stream`);
+2. forward sweep, per decoder block: load its weights, run every calibration sequence through it with
+   hooks (:mod:`dq.analysis.collect`): imatrix sums and counts, down-projection spikes; save the block's
+   input for the probe sequences; free it;
+3. LM head: its imatrix, and the probe gradients at the logits (:func:`dq.analysis.gradients.head_probe`),
+   backpropagated through the final norm;
+4. backward sweep, from the last block to the first: load a block, recompute it on its saved probe inputs,
+   backpropagate the gradient from above while :class:`~dq.analysis.gradients.BlockGradients` records the
+   probe weight gradients of every linear layer and merged expert; then measure every tensor x candidate
+   (:mod:`dq.analysis.measure`): bytes, weight/imatrix/activation error and the predicted KLD;
+5. embeddings (predicted KLD from the rows the probes used), vision tower (weight error only);
+6. super weights: candidates from the spikes, confirmed by ablation on held-out text;
+7. write ``analysis.json``, ``imatrix.gguf``, CSV tables and plots (:mod:`dq.analysis.report`).
 
-Peak memory is one block's float32 weights + calibration hidden states (2 x tokens x d x 4 bytes) +
-activation samples, plus a constant: the Python/torch runtime and bounded chunks. The embedding and
-LM head are only ever read in row chunks (32 MiB float32), their logits in 16 MiB chunks; checkpoint
+Peak memory is one block's float32 weights + the calibration hidden states (2 x tokens x d x 4 bytes) +
+the probe gradients of one block (about ``probes x max_elements`` floats per tensor) + activation samples,
+plus a constant. The embedding and LM head are only ever read in row chunks (32 MiB float32); checkpoint
 tensors are read with ``pread`` and never memory-mapped (see :mod:`dq.analysis.loader`).
 """
 
@@ -24,14 +30,31 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dq.analysis.artifact import IMATRIX_FILE, Analysis, SuperWeight, TensorMeasurement
-from dq.analysis.collect import BlockCollector, TensorStats, expert_params
+from dq.analysis.checkpoints import Checkpoints, Found
+from dq.analysis.collect import (
+    BlockCollector,
+    TensorStats,
+    down_weight,
+    expert_modules,
+    expert_params,
+    split_gate_up,
+)
+from dq.analysis.gradients import (
+    BlockGradients,
+    ProbeSpec,
+    TensorGrads,
+    backward_block,
+    embedding_grads,
+    head_probe,
+    norm_backward,
+)
 from dq.analysis.loader import ModelSkeleton, limit_heap_growth
 from dq.analysis.measure import (
     DEFAULT_CANDIDATES,
@@ -39,10 +62,19 @@ from dq.analysis.measure import (
     measure_path,
     measure_tensor,
     parse_candidates,
+    row_subsets,
 )
 from dq.analysis.names import NameMapper
 from dq.analysis.roles import TensorRole, classify, layer_index
-from dq.analysis.stream import embed, final_hidden, run_layer, tokenize_calibration
+from dq.analysis.stream import (
+    embed,
+    final_hidden,
+    final_norm,
+    run_layer,
+    softcap,
+    tokenize_calibration,
+    used_rows,
+)
 from dq.analysis.superweights import (
     Spike,
     ablate,
@@ -55,12 +87,11 @@ from dq.errors import AnalysisError
 from dq.quant.formats import QuantFormat
 from dq.quant.imatrix import Imatrix, ImatrixEntry, write_imatrix
 
-__all__ = ["AnalyzeOptions", "analyze", "STATE_FILE"]
+__all__ = ["AnalyzeOptions", "analyze", "STATE_FILE", "DAMAGE_MODEL"]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-_BLOCKS = "blocks"
 
 
 @dataclass(frozen=True)
@@ -72,8 +103,10 @@ class AnalyzeOptions:
         calib_file: the user's calibration text (default: packaged C4 + code + multilingual + technical).
         n_tokens: calibration tokens (rounded down to whole sequences of ``seq_len``).
         seq_len: tokens per calibration sequence.
-        chat_template: wrap each calibration paragraph as a user turn of the model's chat template.
-        act_tokens: calibration tokens (seeded subset) whose inputs are kept for activation error.
+        chat_template: wrap each calibration window as a user turn of the model's chat template.
+        act_tokens: probe-sequence tokens (seeded subset) whose inputs are kept for activation error.
+        grad_tokens: calibration tokens (whole sequences, balanced over the sources) that carry a KL probe
+            through the backward sweep: the damage model's sample.
         max_elements: measure errors on at most this many weights per tensor (seeded row subset).
         device: ``cpu`` or ``cuda``.
         super_weights: detect super weights and confirm them by ablation.
@@ -90,6 +123,7 @@ class AnalyzeOptions:
     seq_len: int = 512
     chat_template: bool = False
     act_tokens: int = 512
+    grad_tokens: int = 4096
     max_elements: int | None = 1 << 21
     device: str = "cpu"
     super_weights: bool = True
@@ -108,6 +142,9 @@ class AnalyzeOptions:
             raise AnalysisError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.act_tokens < 0 or self.ablation_tokens < 0:
             raise AnalysisError("--act-tokens and --ablation-tokens must be >= 0")
+        if self.grad_tokens < self.seq_len:
+            raise AnalysisError(f"--grad-tokens {self.grad_tokens} must be at least one sequence (--seq-len "
+                                f"{self.seq_len}); try --grad-tokens 4096")
         if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise AnalysisError(f"--device must be cpu or cuda, got {self.device!r}")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
@@ -122,13 +159,21 @@ class AnalyzeOptions:
 
 
 def _model_fingerprint(model_dir: Path) -> dict:
+    """Absolute path and a content fingerprint: config, every safetensors header (names, dtypes, shapes,
+    offsets), file sizes, and the first and last MiB of each file's data (hashing 600 GB whole would take
+    longer than the analysis)."""
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    sizes = {f.name: f.stat().st_size for f in sorted(model_dir.glob("*.safetensors"))}
-    h.update(json.dumps(sizes, sort_keys=True).encode())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read())
     return {"path": str(model_dir.resolve()), "sha256": h.hexdigest()}
 
 
-def _prepare_out(out_dir: Path, state: dict, resume: bool) -> None:
+def _prepare_out(out_dir: Path, ck: Checkpoints, state: dict, resume: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / STATE_FILE
     if resume and state_path.is_file():
@@ -147,11 +192,7 @@ def _prepare_out(out_dir: Path, state: dict, resume: bool) -> None:
         return
     if resume:
         log.info("nothing to resume in %s; starting afresh", out_dir)
-    blocks = out_dir / _BLOCKS
-    if blocks.is_dir():
-        for f in blocks.iterdir():
-            f.unlink()
-    blocks.mkdir(exist_ok=True)
+    ck.clear()
     from dq.export.atomic import atomic_path
 
     with atomic_path(state_path) as tmp:
@@ -159,125 +200,85 @@ def _prepare_out(out_dir: Path, state: dict, resume: bool) -> None:
 
 
 # -- per-tensor measurement ---------------------------------------------------------------------------
-@dataclass
-class _Found:
-    tensors: list[TensorMeasurement] = field(default_factory=list)
-    imatrix: dict[str, ImatrixEntry] = field(default_factory=dict)
-    spikes: list[Spike] = field(default_factory=list)
-
-
-def _importance(st: TensorStats | None) -> np.ndarray | None:
-    if st is None or st.counts.sum() == 0:
+def _importance(entry: ImatrixEntry | None) -> np.ndarray | None:
+    if entry is None or entry.counts.sum() == 0:
         return None
-    return ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32)).weights()[0]
+    return entry.weights()[0]
 
 
-def _measure_params(sk: ModelSkeleton, names: list[str], mapper: NameMapper, stats: dict[str, TensorStats],
-                    expert_modules: dict[str, tuple[str, str, str]], opt: AnalyzeOptions,
-                    found: _Found, rename: dict[str, str] | None = None) -> None:
-    rename = rename or {}
-    by_param = {st.param: st for st in stats.values() if st.expert is None}
+def _expert_importance(entry: ImatrixEntry | None, e: int) -> np.ndarray | None:
+    if entry is None or entry.counts[e] == 0:
+        return None
+    return (entry.sums[e] / entry.counts[e]).astype(np.float32)
+
+
+def _forward_stats(sk: ModelSkeleton, stats: dict[str, TensorStats], expert_modules: dict[str, tuple[str, str, str]],
+                   found: Found) -> None:
+    """Imatrix entries and down-projection spikes of one block from its forward statistics."""
+    for gname, st in stats.items():
+        if st.counts.sum() > 0:
+            found.imatrix[gname] = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
+        if not st.track_spikes:
+            continue
+        mod_path = st.param.rpartition(".")[0]
+        if st.expert is not None:
+            mod = sk.module(mod_path)
+            p = {k: v.detach() for k, v in expert_params(mod).items()}
+            ws = [down_weight(mod, p, e).float().cpu().numpy() for e in range(st.n_mat)]
+        else:
+            ws = [sk.module_param(st.param).detach().float().cpu().numpy()]
+        found.spikes.extend(spikes_of(st, ws, layer_index(gname) or 0))
+
+
+def _measure_params(sk: ModelSkeleton, names: list[str], mapper: NameMapper, imatrix: dict[str, ImatrixEntry],
+                    grads: dict[str, TensorGrads], expert_modules: dict[str, tuple[str, str, str]],
+                    opt: AnalyzeOptions, found: Found) -> None:
     for n in names:
         mod_path, _, pname = n.rpartition(".")
         if mod_path in expert_modules and pname in ("gate_up_proj", "down_proj", "gate_proj", "up_proj"):
             if pname in ("gate_up_proj", "gate_proj"):
-                _measure_experts(sk, mod_path, expert_modules[mod_path], stats, opt, found)
+                _measure_experts(sk, mod_path, expert_modules[mod_path], imatrix, grads, opt, found)
             continue
         p = sk.module_param(n).detach()
-        gname = rename.get(n, mapper.gguf_name(n))
-        st = by_param.get(n)
+        gname = mapper.gguf_name(n)
         errors = ()
         if p.ndim == 2:
-            imp = _importance(st)
-            x = st.sample_matrix(0) if st is not None else None
+            rec = grads.get(gname)
             w = p.float().cpu().numpy()
-            errors = measure_tensor([MatrixInput(w, imp, x)], w.shape, opt.candidates,
-                                    max_elements=opt.max_elements, seed=opt.seed, n_threads=opt.n_threads,
-                                    device=opt.device)
-            if st is not None and st.counts.sum() > 0:
-                found.imatrix[gname] = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
-            if st is not None and st.track_spikes:
-                found.spikes.extend(spikes_of(st, [w], layer_index(gname) or 0))
+            mat = MatrixInput(w, _importance(imatrix.get(gname)), rec.sample_matrix(0) if rec else None,
+                              rec.stacked(0) if rec else None)
+            errors = measure_tensor([mat], w.shape, opt.candidates, max_elements=opt.max_elements, seed=opt.seed,
+                                    n_threads=opt.n_threads, device=opt.device, subsets=rec.rows if rec else None)
         found.tensors.append(TensorMeasurement(
             name=gname, hf_name=n, role=classify(gname), layer=layer_index(gname), shape=tuple(p.shape),
             errors=errors, max_abs=float(p.abs().max()) if p.numel() else 0.0,
         ))
 
 
-def _measure_experts(sk: ModelSkeleton, path: str, names: tuple[str, str, str], stats: dict[str, TensorStats],
-                     opt: AnalyzeOptions, found: _Found) -> None:
-    from dq.analysis.collect import _down, _split_gate_up
-
+def _measure_experts(sk: ModelSkeleton, path: str, names: tuple[str, str, str], imatrix: dict[str, ImatrixEntry],
+                     grads: dict[str, TensorGrads], opt: AnalyzeOptions, found: Found) -> None:
     mod = sk.module(path)
     p = {k: v.detach() for k, v in expert_params(mod).items()}
     n_exp = p["down_proj"].shape[0]
+    param = f"{path}.gate_up_proj" if "gate_up_proj" in p else f"{path}.gate_proj"
     for gname, kind in zip(names, ("gate", "up", "down")):
-        st = stats[gname]
         ws = []
         for e in range(n_exp):
             if kind == "down":
-                ws.append(_down(mod, p, e).float().cpu().numpy())
+                ws.append(down_weight(mod, p, e).float().cpu().numpy())
             else:
-                g, u = _split_gate_up(mod, p, e)
+                g, u = split_gate_up(mod, p, e)
                 ws.append((g if kind == "gate" else u).float().cpu().numpy())
-        imp = [None if st.counts[e] == 0 else (st.sums[e] / st.counts[e]).astype(np.float32) for e in range(n_exp)]
-        mats = [MatrixInput(ws[e], imp[e], st.sample_matrix(e)) for e in range(n_exp)]
+        entry, rec = imatrix.get(gname), grads.get(gname)
+        mats = [MatrixInput(ws[e], _expert_importance(entry, e), rec.sample_matrix(e) if rec else None,
+                            rec.stacked(e) if rec else None) for e in range(n_exp)]
         shape = (n_exp, *ws[0].shape)
         errors = measure_tensor(mats, shape, opt.candidates, max_elements=opt.max_elements, seed=opt.seed,
-                                n_threads=opt.n_threads, device=opt.device)
-        found.imatrix[gname] = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
-        if kind == "down":
-            found.spikes.extend(spikes_of(st, ws, layer_index(gname) or 0))
+                                n_threads=opt.n_threads, device=opt.device, subsets=rec.rows if rec else None)
         found.tensors.append(TensorMeasurement(
-            name=gname, hf_name=st.param, role=classify(gname), layer=layer_index(gname), shape=shape,
-            errors=errors, max_abs=float(max(np.abs(w).max() for w in ws)),
+            name=gname, hf_name=f"{path}.down_proj" if kind == "down" else param, role=classify(gname),
+            layer=layer_index(gname), shape=shape, errors=errors, max_abs=float(max(np.abs(w).max() for w in ws)),
         ))
-
-
-# -- checkpoints --------------------------------------------------------------------------------------
-def _save_block(out_dir: Path, i: int, found: _Found, hidden_max: np.ndarray) -> None:
-    from dq.export.atomic import atomic_path
-
-    base = out_dir / _BLOCKS / f"layer_{i:04d}"
-    arrays = {f"{k}|sums": e.sums for k, e in found.imatrix.items()}
-    arrays.update({f"{k}|counts": e.counts for k, e in found.imatrix.items()})
-    arrays["hidden_max"] = hidden_max
-    with atomic_path(base.with_suffix(".npz")) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-    with atomic_path(base.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps({
-            "tensors": [t.to_dict() for t in found.tensors], "spikes": [s.to_dict() for s in found.spikes],
-        }))
-
-
-def _load_block(out_dir: Path, i: int) -> tuple[_Found, np.ndarray] | None:
-    base = out_dir / _BLOCKS / f"layer_{i:04d}"
-    if not (base.with_suffix(".json").is_file() and base.with_suffix(".npz").is_file()):
-        return None
-    d = json.loads(base.with_suffix(".json").read_text())
-    with np.load(base.with_suffix(".npz")) as z:
-        names = sorted({k.rsplit("|", 1)[0] for k in z.files if "|" in k})
-        imatrix = {n: ImatrixEntry(z[f"{n}|sums"], z[f"{n}|counts"]) for n in names}
-        hidden_max = z["hidden_max"]
-    found = _Found([TensorMeasurement.from_dict(t) for t in d["tensors"]], imatrix,
-                   [Spike(**s) for s in d["spikes"]])
-    return found, hidden_max
-
-
-def _save_hidden(out_dir: Path, next_layer: int, hidden: torch.Tensor) -> None:
-    from dq.export.atomic import atomic_path
-
-    with atomic_path(out_dir / _BLOCKS / "hidden.pt") as tmp:
-        torch.save({"next_layer": next_layer, "hidden": hidden}, tmp)
-
-
-def _load_hidden(out_dir: Path) -> tuple[int, torch.Tensor] | None:
-    path = out_dir / _BLOCKS / "hidden.pt"
-    if not path.is_file():
-        return None
-    d = torch.load(path, weights_only=True)
-    return int(d["next_layer"]), d["hidden"]
 
 
 # -- the pipeline -------------------------------------------------------------------------------------
@@ -289,6 +290,67 @@ def _order_key(t: TensorMeasurement) -> tuple:
     return (0 if t.role is TensorRole.EMBEDDING else 2, 0, t.name)
 
 
+def _subsets(opt: AnalyzeOptions):
+    def fn(n_mats: int, rows: int, cols: int) -> list[np.ndarray | None]:
+        return row_subsets(n_mats, rows, cols, opt.max_elements, opt.seed)
+    return fn
+
+
+def _forward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, hidden: torch.Tensor, layer_args,
+                   start: int, n_probe: int, seq_len: int, progress) -> torch.Tensor:
+    """Blocks ``start..`` on every sequence: imatrix statistics and spikes; saves the probe sequences' inputs."""
+    no_samples = np.zeros(hidden.shape[0] * hidden.shape[1], dtype=bool)
+    for i in range(start, sk.n_layers):
+        t0 = time.time()
+        prefix = sk.layer_prefix(i)
+        sk.load(prefix)
+        try:
+            with BlockCollector(sk.module(prefix), prefix, mapper, no_samples) as col:
+                def announce(s: int, col=col) -> None:
+                    col.tokens(np.arange(s * seq_len, (s + 1) * seq_len))
+
+                out = run_layer(sk, i, hidden, layer_args, before_seq=announce)
+            found = Found()
+            _forward_stats(sk, col.stats, col.experts, found)
+        finally:
+            sk.free(prefix)
+        ck.save_tensor(f"input_{i:04d}.pt", hidden=hidden[:n_probe].clone())
+        hidden = out
+        ck.save_stats(f"fwd_{i:04d}", found, out.abs().amax(dim=(0, 1)).numpy())
+        ck.save_tensor("hidden.pt", next_layer=i + 1, hidden=hidden)
+        log.info("forward: layer %d/%d in %.1fs", i + 1, sk.n_layers, time.time() - t0)
+        if progress is not None:
+            progress("forward", i + 1, sk.n_layers)
+    return hidden
+
+
+def _backward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, layer_args, g: torch.Tensor, top: int,
+                    imatrix: dict[str, ImatrixEntry], sampled: np.ndarray, opt: AnalyzeOptions, progress) -> torch.Tensor:
+    """Blocks ``top..0``: recompute each on the probe inputs, backpropagate, measure every tensor."""
+    for i in range(top, -1, -1):
+        t0 = time.time()
+        prefix = sk.layer_prefix(i)
+        saved = ck.load_tensor(f"input_{i:04d}.pt")
+        if saved is None:
+            raise AnalysisError(f"the saved input of layer {i} is missing from {ck.dir}; re-run without --resume")
+        names = sk.load(prefix)
+        try:
+            block = sk.module(prefix)
+            with BlockGradients(block, prefix, mapper, _subsets(opt), sampled) as bg:
+                g = backward_block(sk, i, saved["hidden"], g, layer_args, bg, opt.seq_len)
+            found = Found()
+            _measure_params(sk, names, mapper, imatrix, bg.grads, expert_modules(block, prefix, mapper), opt, found)
+        finally:
+            sk.free(prefix)
+        ck.save_layer(i, found.tensors)
+        ck.save_tensor("grad.pt", layer=i - 1, grad=g)
+        ck.drop(f"input_{i:04d}.pt")
+        log.info("backward: layer %d/%d measured in %.1fs", sk.n_layers - i, sk.n_layers, time.time() - t0)
+        if progress is not None:
+            progress("measure", sk.n_layers - i, sk.n_layers)
+    return g
+
+
 def analyze(
     model: str | Path | None,
     out_dir: str | Path,
@@ -297,13 +359,13 @@ def analyze(
     resume: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Analysis:
-    """Measure a model: imatrix, per-tensor x type errors and bytes, super weights; write ``out_dir``.
+    """Measure a model: imatrix, per-tensor x type errors, predicted KLD and bytes, super weights.
 
     Args:
         model: Hugging Face directory, packaged model name (``smollm2-135m``), or None for the default.
         out_dir: output directory (``analysis.json``, ``imatrix.gguf``, ``*.csv``, ``*.png``, ``blocks/``).
         options: settings; default :class:`AnalyzeOptions`.
-        resume: skip blocks already finished in ``out_dir`` (same model and settings, else AnalysisError).
+        resume: skip the work already checkpointed in ``out_dir`` (same model and settings, else AnalysisError).
         progress: called as ``progress(stage, done, total)``.
 
     Returns:
@@ -311,11 +373,12 @@ def analyze(
 
     Example:
         >>> a = analyze("smollm2-135m", "out/smollm2", AnalyzeOptions(n_tokens=4096))  # doctest: +SKIP
-        >>> a.by_name()["blk.0.ffn_down.weight"].error_for(QuantFormat.Q4_K).act_err   # doctest: +SKIP
+        >>> a.by_name()["blk.0.ffn_down.weight"].error_for(QuantFormat.Q4_K).kld      # doctest: +SKIP
     """
     from transformers import AutoTokenizer
 
-    from dq.data import calibration_text, heldout_text
+    from dq.calibration import sample_calibration
+    from dq.data import heldout_text
     from dq.models import resolve_model
 
     opt = options or AnalyzeOptions()
@@ -323,68 +386,63 @@ def analyze(
     if limit_heap_growth():  # freed block weights go back to the OS (see its docstring)
         log.debug("glibc mmap threshold fixed at 1 MiB")
     model_dir = resolve_model(model)
-    text = calibration_text(calib_file=opt.calib_file)
     sk = ModelSkeleton.open(model_dir, device=opt.device)
     measure_path(opt.device)  # logs which quantizers measure the errors (CPU: libggml)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cal = sample_calibration(tokenizer, max(1, opt.n_tokens // opt.seq_len), opt.seq_len, calib_file=opt.calib_file,
+                             chat_template=opt.chat_template, seed=opt.seed)
+    ids = cal.ids
     out_dir = Path(out_dir)
-    calib_sha = hashlib.sha256(text.encode()).hexdigest()
-    state = {"model": _model_fingerprint(model_dir), "options": {**opt.fingerprint(), "calib_sha256": calib_sha}}
-    _prepare_out(out_dir, state, resume)
+    state = {"model": _model_fingerprint(model_dir),
+             "options": {**opt.fingerprint(), "calib_sha256": cal.sources_sha256}}
+    ck = Checkpoints(out_dir)
+    _prepare_out(out_dir, ck, state, resume)
 
     mapper = NameMapper(sk.text_config.model_type, sk.n_layers, sk.text_model_path, sk.output_head_path())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenize_calibration(tokenizer, text, opt.n_tokens, opt.seq_len, chat_template=opt.chat_template)
-    if ids.shape[0] == 0:
-        raise AnalysisError(
-            f"the calibration text holds fewer than {opt.seq_len} tokens; give more text or a smaller --seq-len"
-        )
-    n_tok = int(ids.numel())
-    rng = np.random.default_rng(opt.seed)
-    sampled = np.zeros(n_tok, dtype=bool)
-    sampled[rng.choice(n_tok, size=min(opt.act_tokens, n_tok), replace=False)] = True
-    log.info("%s: %d layers, %d calibration tokens (%d x %d), %d candidate types", model_dir.name,
-             sk.n_layers, n_tok, ids.shape[0], ids.shape[1], len(opt.candidates))
+    n_tok, seq_len = int(ids.numel()), int(ids.shape[1])
+    n_probe = min(int(ids.shape[0]), max(1, opt.grad_tokens // seq_len))
+    spec = ProbeSpec(n_probe, seq_len, opt.seed)
+    sampled = np.zeros(n_probe * seq_len, dtype=bool)
+    sampled[np.random.default_rng(opt.seed).choice(sampled.size, size=min(opt.act_tokens, sampled.size),
+                                                   replace=False)] = True
+    log.info("%s: %d layers, %d calibration tokens (%d x %d; %s), %d probe sequences, %d candidate types",
+             model_dir.name, sk.n_layers, n_tok, ids.shape[0], seq_len,
+             ", ".join(f"{k} {v}" for k, v in cal.describe()["sequences_per_source"].items()), n_probe,
+             len(opt.candidates))
 
     hidden, layer_args = embed(sk, ids)
-    start = 0
-    if resume:
-        saved = _load_hidden(out_dir)
-        if saved is not None and all(_load_block(out_dir, i) is not None for i in range(saved[0])):
-            start, hidden = saved
-            log.info("resuming at layer %d of %d", start, sk.n_layers)
-    found_all = _Found()
+    found_all = Found()
     hidden_max: dict[int, np.ndarray] = {}
-    for i in range(start):
-        f, hm = _load_block(out_dir, i)
-        _merge(found_all, f)
+    head_done = resume and ck.load_stats("head") is not None and ck.load_tensor("grad.pt") is not None
+    start = 0
+    if resume and not head_done:
+        saved = ck.load_tensor("hidden.pt")
+        if saved is not None and all(ck.load_stats(f"fwd_{i:04d}") is not None for i in range(saved["next_layer"])):
+            start, hidden = int(saved["next_layer"]), saved["hidden"]
+            log.info("resuming the forward sweep at layer %d of %d", start, sk.n_layers)
+    if not head_done:
+        hidden = _forward_sweep(sk, mapper, ck, hidden, layer_args, start, n_probe, seq_len, progress)
+    for i in range(sk.n_layers):
+        f, hm = ck.load_stats(f"fwd_{i:04d}")
+        found_all.merge(f)
         hidden_max[i] = hm
-    for i in range(start, sk.n_layers):
-        t0 = time.time()
-        prefix = sk.layer_prefix(i)
-        names = sk.load(prefix)
-        try:
-            with BlockCollector(sk.module(prefix), prefix, mapper, sampled) as col:
-                seq = ids.shape[1]
 
-                def announce(s: int, col=col) -> None:
-                    col.tokens(np.arange(s * seq, (s + 1) * seq))
-
-                out = run_layer(sk, i, hidden, layer_args, before_seq=announce)
-            found = _Found()
-            _measure_params(sk, names, mapper, col.stats, col.experts, opt, found)
-        finally:
-            sk.free(prefix)
-        hm = out.abs().amax(dim=(0, 1)).numpy()
-        hidden = out
-        _save_block(out_dir, i, found, hm)
-        _save_hidden(out_dir, i + 1, hidden)
-        _merge(found_all, found)
-        hidden_max[i] = hm
-        log.info("layer %d/%d done in %.1fs", i + 1, sk.n_layers, time.time() - t0)
-        if progress is not None:
-            progress("layers", i + 1, sk.n_layers)
-
-    _measure_head(sk, mapper, hidden, sampled, opt, found_all)
+    if not head_done:
+        head_found, g = _measure_head(sk, mapper, hidden, n_probe, spec, sampled, opt)
+        ck.save_stats("head", head_found)
+        ck.save_tensor("grad.pt", layer=sk.n_layers - 1, grad=g)
+        ck.drop("hidden.pt")
+    del hidden
+    head_found, _ = ck.load_stats("head")
+    found_all.merge(head_found)
+    saved = ck.load_tensor("grad.pt")
+    top, g = int(saved["layer"]), saved["grad"]
+    if top < sk.n_layers - 1:
+        log.info("resuming the backward sweep at layer %d", top)
+    g = _backward_sweep(sk, mapper, ck, layer_args, g, top, found_all.imatrix, sampled, opt, progress)
+    for i in range(sk.n_layers):
+        found_all.tensors.extend(ck.load_layer(i))
+    _measure_embedding(sk, mapper, ids[:n_probe], g, found_all, opt)
     _measure_vision(sk, mapper, opt, found_all)
 
     sws: list[SuperWeight] = []
@@ -396,20 +454,24 @@ def analyze(
             sws = ablate(sk, candidates, held)
     sk.close()
 
-    imatrix = Imatrix(dict(sorted(found_all.imatrix.items())), datasets=("dq-analyze:" + (opt.calib_file or "c4,code,multilingual,technical"),),
-                      chunk_count=int(ids.shape[0]), chunk_size=int(ids.shape[1]))
+    imatrix = Imatrix(dict(sorted(found_all.imatrix.items())),
+                      datasets=("dq-analyze:" + (opt.calib_file or "c4,code,multilingual,technical"),),
+                      chunk_count=int(ids.shape[0]), chunk_size=seq_len)
     write_imatrix(out_dir / IMATRIX_FILE, imatrix)
     tensors = tuple(sorted(found_all.tensors, key=_order_key))
     analysis = Analysis(
-        model=str(model) if model is not None else str(model_dir), architecture=mapper.arch_name,
+        model=str(model_dir.resolve()), architecture=mapper.arch_name,
         candidates=opt.candidates, tensors=tensors, super_weights=tuple(sws), n_tokens=n_tok,
         imatrix_file=IMATRIX_FILE,
         extra={
             "hf_architecture": (sk.config.architectures or [type(sk.model).__name__])[0],
-            "model_dir": str(model_dir),
-            "options": {**opt.fingerprint(), "calib_sha256": calib_sha},
+            "model_arg": str(model) if model is not None else None,
+            "model_fingerprint": state["model"],
+            "options": state["options"],
+            "calibration": cal.describe(),
+            "damage_model": DAMAGE_MODEL | {"probes": n_probe, "probe_tokens": n_probe * seq_len},
             "notes": [
-                f"act_err uses the inputs of {int(sampled.sum())} seeded calibration tokens per tensor "
+                f"act_err uses the inputs of {int(sampled.sum())} seeded tokens of the {n_probe} probe sequences "
                 f"(routed ones for experts)",
                 f"errors are measured on a seeded subset of rows when a tensor has more than "
                 f"{opt.max_elements} weights; bytes are exact",
@@ -431,64 +493,74 @@ def analyze(
     return analysis
 
 
-def _merge(into: _Found, f: _Found) -> None:
-    into.tensors.extend(f.tensors)
-    into.imatrix.update(f.imatrix)
-    into.spikes.extend(f.spikes)
+DAMAGE_MODEL = {
+    "form": "additive second-order KL: predicted mean KLD = sum over tensors of kld[tensor, type]",
+    "kld": "1/2 sum_probes sum_rows ((Q(W)-W)_row . G_probe,row)^2; G = weight gradient of v.logits, "
+           "v = sqrt(p)*r - p*(sqrt(p).r), r Rademacher, one probe per sequence over positions S/2..S-2",
+}
 
 
-def _measure_head(sk: ModelSkeleton, mapper: NameMapper, hidden: torch.Tensor, sampled: np.ndarray,
-                  opt: AnalyzeOptions, found: _Found) -> None:
-    """Final norm, LM head (its input statistics come from the normed hidden states) and embeddings.
+def _measure_head(sk: ModelSkeleton, mapper: NameMapper, hidden: torch.Tensor, n_probe: int, spec: ProbeSpec,
+                  sampled: np.ndarray, opt: AnalyzeOptions) -> tuple[Found, torch.Tensor]:
+    """Final norm and LM head: the head's imatrix (all sequences), its probe gradients, its measurement.
 
-    The embedding and LM head are read in row chunks (:func:`_measure_rows`), never whole in float32.
+    Returns what was found and the gradient at the last block's output for the probe sequences. The head is
+    read in row chunks (:func:`dq.analysis.gradients.head_probe`, :func:`_measure_rows`), never whole.
     """
-    normed = final_hidden(sk, hidden)
-    head = sk.output_head_path()
-    emb = sk.model.get_input_embeddings()
-    emb_path = next(n for n, m in sk.model.named_modules() if m is emb)
-    emb_w = f"{emb_path}.weight"
-    chunked = [emb_w] if emb_w.startswith(sk.text_model_path + ".") else []
-    stats: dict[str, TensorStats] = {}
-    if head is not None:
-        head_w = f"{head}.weight"
-        tied = head_w not in sk._targets and sk.tied_output()
-        out_f, in_f = (int(d) for d in sk.module_param(head_w).shape)
-        gname = mapper.gguf_name(emb_w) if tied else mapper.gguf_name(head_w)
-        st = TensorStats(gname, emb_w if tied else head_w, 1, in_f, out_f)
-        flat = normed.reshape(-1, normed.shape[-1])
-        st.add(0, flat, np.arange(flat.shape[0]), sampled)
-        stats[gname] = st
-        if not tied:
-            chunked.append(head_w)
-    del normed
+    found = Found()
+    norm, norm_path = final_norm(sk)
+    emb_path = _embedding_path(sk)
     names = sk.load(sk.text_model_path, exclude=(sk.layers_path, emb_path))
     try:
-        _measure_params(sk, names, mapper, stats, {}, opt, found)
+        _measure_params(sk, names, mapper, {}, {}, {}, opt, found)  # the final norm (kept as it is)
     finally:
         sk.free(sk.text_model_path)
-    for n in chunked:
-        _measure_rows(sk, n, mapper, stats, opt, found)
+    normed = final_hidden(sk, hidden)
+    head = sk.output_head_path()
+    if head is None:
+        raise AnalysisError(f"{type(sk.model).__name__} has no output head; dq analyzes causal language models")
+    head_w, emb_w = f"{head}.weight", f"{emb_path}.weight"
+    tied = head_w not in sk._targets and sk.tied_output()
+    gname = mapper.gguf_name(emb_w) if tied else mapper.gguf_name(head_w)
+    out_f, in_f = (int(d) for d in sk.module_param(head_w).shape)
+    st = TensorStats(gname, emb_w if tied else head_w, 1, in_f, out_f)
+    flat = normed.reshape(-1, in_f)
+    st.add(0, flat, np.arange(flat.shape[0]), np.zeros(flat.shape[0], dtype=bool))
+    entry = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
+    found.imatrix[gname] = entry
+    rows = row_subsets(1, out_f, in_f, opt.max_elements, opt.seed)[0]
+    g_normed, head_grads = head_probe(sk, head_w, normed[:n_probe], spec, rows, softcap(sk))
+    rec = TensorGrads(gname, [rows])
+    rec.grads[0] = head_grads
+    rec.samples[0] = [normed[:n_probe].reshape(-1, in_f)[torch.from_numpy(sampled)].numpy()]
+    del normed, flat
+    _measure_rows(sk, head_w, gname, emb_w if tied else head_w, entry, rec, opt, found)
+    sk.load(norm_path)
+    try:
+        g = norm_backward(norm, hidden[:n_probe], g_normed, sk.device)
+    finally:
+        sk.free(norm_path)
+    return found, g
+
+
+def _embedding_path(sk: ModelSkeleton) -> str:
+    emb = sk.model.get_input_embeddings()
+    return next(n for n, m in sk.model.named_modules() if m is emb)
 
 
 _ROW_CHUNK_BYTES = 32 << 20
 
 
-def _measure_rows(sk: ModelSkeleton, name: str, mapper: NameMapper, stats: dict[str, TensorStats],
-                  opt: AnalyzeOptions, found: _Found) -> None:
+def _measure_rows(sk: ModelSkeleton, name: str, gname: str, hf_name: str, entry: ImatrixEntry | None,
+                  rec: TensorGrads | None, opt: AnalyzeOptions, found: Found) -> None:
     """Measure a whole-vocabulary matrix from float32 row chunks of ``_ROW_CHUNK_BYTES``.
 
-    Keeps only the seeded row subset that :func:`measure_tensor` would draw from the full matrix (its
-    own ``_row_subset`` with the same seed), so the errors are those of the full-matrix call; max |w|
-    is taken over every chunk.
+    Keeps only the seeded rows :func:`~dq.analysis.measure.row_subsets` gives (those ``rec``'s gradients
+    are on), so the errors are those of the full-matrix call; max |w| is taken over every chunk.
     """
-    from dq.analysis.measure import _row_subset
-
-    gname = mapper.gguf_name(name)
-    st = next((s for s in stats.values() if s.param == name and s.expert is None), None)
-    shape = tuple(sk.module_param(name).shape)
-    rows, cols = (int(d) for d in shape)
-    subset = _row_subset(rows, cols, opt.max_elements, np.random.default_rng(opt.seed))
+    shape = tuple(int(d) for d in sk.module_param(name).shape)
+    rows, cols = shape
+    subset = rec.rows[0] if rec is not None else row_subsets(1, rows, cols, opt.max_elements, opt.seed)[0]
     keep: list[np.ndarray] = []
     max_abs = 0.0
     for r0, w in sk.iter_rows(name, max(1, _ROW_CHUNK_BYTES // (4 * cols))):
@@ -503,18 +575,45 @@ def _measure_rows(sk: ModelSkeleton, name: str, mapper: NameMapper, stats: dict[
                 keep.append(w.numpy()[sel])
         del w
     wsub = np.concatenate(keep)
-    errors = measure_tensor([MatrixInput(wsub, _importance(st), st.sample_matrix(0) if st is not None else None)],
-                            (rows, cols), opt.candidates, max_elements=opt.max_elements, seed=opt.seed,
-                            n_threads=opt.n_threads, device=opt.device)
-    if st is not None and st.counts.sum() > 0:
-        found.imatrix[gname] = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
+    mat = MatrixInput(wsub, _importance(entry), rec.sample_matrix(0) if rec else None, rec.stacked(0) if rec else None)
+    errors = measure_tensor([mat], shape, opt.candidates, n_threads=opt.n_threads, device=opt.device, subsets=[None])
     found.tensors.append(TensorMeasurement(
-        name=gname, hf_name=name, role=classify(gname), layer=layer_index(gname), shape=shape,
+        name=gname, hf_name=hf_name, role=classify(gname), layer=layer_index(gname), shape=shape,
         errors=errors, max_abs=max_abs,
     ))
 
 
-def _measure_vision(sk: ModelSkeleton, mapper: NameMapper, opt: AnalyzeOptions, found: _Found) -> None:
+def _measure_embedding(sk: ModelSkeleton, mapper: NameMapper, probe_ids: torch.Tensor, g0: torch.Tensor,
+                       found: Found, opt: AnalyzeOptions) -> None:
+    """``token_embd``: weight errors from a row subset; predicted KLD from the rows the probes used.
+
+    Only the embedding rows of tokens that occur carry gradient, so the KLD prediction quantizes exactly
+    those rows (no subset scaling). A tied embedding adds its use as the LM head (measured by
+    :func:`_measure_head`) to its use as the embedding.
+    """
+    emb_path = _embedding_path(sk)
+    emb_w = f"{emb_path}.weight"
+    gname = mapper.gguf_name(emb_w)
+    uniq = torch.unique(probe_ids)
+    rows = used_rows(sk, emb_w, uniq)
+    grads = embedding_grads(sk.model.get_input_embeddings(), rows, torch.searchsorted(uniq, probe_ids), g0, sk.device)
+    entry = found.imatrix.get(gname)
+    shape = tuple(int(d) for d in sk.module_param(emb_w).shape)
+    used = measure_tensor([MatrixInput(rows.cpu().numpy(), _importance(entry), None, grads)], shape, opt.candidates,
+                          n_threads=opt.n_threads, device=opt.device, subsets=[None], rows_scale=1.0)
+    del grads
+    at = next((k for k, t in enumerate(found.tensors) if t.name == gname), None)
+    if at is None:  # untied: measure its weight errors now
+        part = Found()
+        _measure_rows(sk, emb_w, gname, emb_w, entry, None, opt, part)
+        found.tensors.extend(part.tensors)
+        at = len(found.tensors) - 1
+    t = found.tensors[at]
+    errors = tuple(replace(e, kld=(e.kld or 0.0) + (u.kld or 0.0)) for e, u in zip(t.errors, used))
+    found.tensors[at] = replace(t, errors=errors)
+
+
+def _measure_vision(sk: ModelSkeleton, mapper: NameMapper, opt: AnalyzeOptions, found: Found) -> None:
     names = sk.vision_params()
     if not names:
         return
@@ -523,6 +622,6 @@ def _measure_vision(sk: ModelSkeleton, mapper: NameMapper, opt: AnalyzeOptions, 
         own = [n for n in names if n.rsplit(".", 1)[0] == root]
         sk.load(root)
         try:
-            _measure_params(sk, own, mapper, {}, {}, opt, found)
+            _measure_params(sk, own, mapper, {}, {}, {}, opt, found)
         finally:
             sk.free(root)

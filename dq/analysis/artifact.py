@@ -8,7 +8,9 @@ Per tensor and candidate type the analysis holds:
 - ``nbytes``: exact stored bytes (after llama.cpp's block-size fallback, see ``stored``),
 - ``weight_err``: ||W - Q(W)||^2 / ||W||^2,
 - ``weighted_err``: the same, each input column weighted by the imatrix (mean squared activation),
-- ``act_err``: ||X W^T - X Q(W)^T||^2 / ||X W^T||^2 on the calibration activations X.
+- ``act_err``: ||X W^T - X Q(W)^T||^2 / ||X W^T||^2 on the calibration activations X,
+- ``kld``: the predicted mean KL divergence (nats per token) of the model with only this tensor quantized
+  to this type: second order, from the probe gradients of :mod:`dq.analysis.gradients`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dq.quant.formats import QuantFormat, parse_format
 __all__ = ["ANALYSIS_VERSION", "IMATRIX_FILE", "TypeError_", "TensorMeasurement", "SuperWeight", "Analysis",
            "imatrix_beside"]
 
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: per-type predicted KLD from probe gradients
 
 
 IMATRIX_FILE = "imatrix.gguf"  # what `dq analyze` writes beside analysis.json
@@ -59,6 +61,7 @@ class TypeError_:
     weight_err: float
     weighted_err: float | None = None
     act_err: float | None = None
+    kld: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -25,7 +25,8 @@ from torch import nn
 from dq.analysis.names import NameMapper
 from dq.analysis.roles import TensorRole, classify
 
-__all__ = ["TensorStats", "BlockCollector", "is_linear_like", "expert_params"]
+__all__ = ["TensorStats", "BlockCollector", "is_linear_like", "expert_params", "expert_modules", "split_gate_up",
+           "down_weight", "call_input"]
 
 _DOWN_ROLES = (TensorRole.FFN_DOWN, TensorRole.SHARED_DOWN, TensorRole.EXPERT_DOWN)
 
@@ -111,7 +112,18 @@ def expert_params(mod: nn.Module) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _split_gate_up(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_modules(block: nn.Module, block_path: str, mapper: NameMapper) -> dict[str, tuple[str, str, str]]:
+    """Module path -> GGUF (gate, up, down) names of every merged-experts module inside ``block``."""
+    out = {}
+    for rel, mod in block.named_modules():
+        if expert_params(mod) is not None:
+            path = f"{block_path}.{rel}" if rel else block_path
+            n = mapper.expert_names(path)
+            out[path] = (n.gate, n.up, n.down)
+    return out
+
+
+def split_gate_up(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ``e``'s gate and up weights as ``[I, H]`` (out, in)."""
     transposed = bool(getattr(mod, "is_transposed", False))
     if "gate_up_proj" in p:
@@ -123,12 +135,12 @@ def _split_gate_up(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> tuple[
     return (g.T, u.T) if transposed else (g, u)
 
 
-def _down(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> torch.Tensor:
+def down_weight(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> torch.Tensor:
     d = p["down_proj"][e]
     return d.T if bool(getattr(mod, "is_transposed", False)) else d
 
 
-def _first_tensor(args: tuple, kwargs: dict, key: str) -> torch.Tensor:
+def call_input(args: tuple, kwargs: dict, key: str) -> torch.Tensor:
     if args:
         return args[0]
     return kwargs[key]
@@ -179,7 +191,7 @@ class BlockCollector:
         self.stats[name] = st
 
         def hook(module, args, kwargs, output):
-            x = _first_tensor(args, kwargs, "input")
+            x = call_input(args, kwargs, "input")
             x2 = x.reshape(-1, x.shape[-1])
             y = None
             if st.track_spikes:
@@ -197,8 +209,8 @@ class BlockCollector:
     def _install_experts(self, path: str, mod: nn.Module, p: dict[str, torch.Tensor]) -> None:
         names = self.mapper.expert_names(path)
         n_exp = p["down_proj"].shape[0]
-        g0, _ = _split_gate_up(mod, p, 0)
-        d0 = _down(mod, p, 0)
+        g0, _ = split_gate_up(mod, p, 0)
+        d0 = down_weight(mod, p, 0)
         inter, hidden = g0.shape
         param_gu = f"{path}.gate_up_proj" if "gate_up_proj" in p else f"{path}.gate_proj"
         gate = TensorStats(names.gate, param_gu, n_exp, hidden, inter, expert="gate")
@@ -211,7 +223,7 @@ class BlockCollector:
         act: Callable[[torch.Tensor], torch.Tensor] = mod.act_fn
 
         def pre_hook(module, args, kwargs):
-            x = _first_tensor(args, kwargs, "hidden_states")
+            x = call_input(args, kwargs, "hidden_states")
             idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
             x2 = x.reshape(-1, x.shape[-1]).float()
             ids = self._ids_for(x2.shape[0])
@@ -225,9 +237,9 @@ class BlockCollector:
                     ide = ids[rows.cpu().numpy()]
                     gate.add(e, xe, ide, self.sampled)
                     up.add(e, xe, ide, self.sampled)
-                    wg, wu = _split_gate_up(module, p, e)
+                    wg, wu = split_gate_up(module, p, e)
                     h = act(xe @ wg.float().T) * (xe @ wu.float().T)
-                    y = h @ _down(module, p, e).float().T
+                    y = h @ down_weight(module, p, e).float().T
                     down.add(e, h, ide, self.sampled, y)
             return None
 

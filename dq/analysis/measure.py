@@ -6,6 +6,10 @@ its calibration inputs in; one :class:`~dq.analysis.artifact.TypeError_` per can
 - ``weight_err``   = ||W - Q(W)||^2 / ||W||^2
 - ``weighted_err`` = sum_j m_j ||W[:, j] - Q(W)[:, j]||^2 / sum_j m_j ||W[:, j]||^2, m = imatrix weights
 - ``act_err``      = ||X (W - Q(W))^T||^2 / ||X W^T||^2 on calibration inputs X
+- ``kld``          = 1/2 sum_n sum_i ((W - Q(W))_i . G_n,i)^2, the second-order prediction of the mean KL
+  divergence of the model with only this tensor quantized, where G_n is the weight gradient of probe n
+  (:mod:`dq.analysis.gradients`); rows ``i`` are summed independently (quantization errors of different
+  rows are independent), and a row subset is scaled up by rows / measured rows.
 
 Q(W) is the round trip ``dequantize(quantize(W, stored, imatrix))`` through libggml, with the imatrix
 when one exists, as ``dq quantize``/llama-quantize would store the tensor. ``stored`` is llama.cpp's
@@ -29,6 +33,7 @@ Two paths (:func:`measure_path` picks one per run and logs it):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -42,7 +47,7 @@ from dq.quant.formats import FORMATS, QuantFormat, effective_format, parse_forma
 
 __all__ = [
     "DEFAULT_CANDIDATES", "parse_candidates", "MatrixInput", "measure_tensor", "round_trip", "measure_path",
-    "kernel_formats", "MeasurePath",
+    "kernel_formats", "MeasurePath", "row_subsets",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,11 +91,14 @@ class MatrixInput:
         weight: float32 ``[rows, cols]``.
         importance: imatrix weights ``[cols]`` (mean squared input), or None.
         x: calibration inputs ``[tokens, cols]``, or None (no activation error).
+        grads: probe weight gradients ``[probes, measured rows, cols]`` on the rows this matrix is measured on
+            (:func:`row_subsets`), or None (no ``kld``).
     """
 
     weight: np.ndarray
     importance: np.ndarray | None = None
     x: np.ndarray | None = None
+    grads: np.ndarray | None = None
 
 
 def round_trip(w: np.ndarray, fmt: QuantFormat, importance: np.ndarray | None, n_threads: int | None = None) -> np.ndarray:
@@ -163,6 +171,19 @@ def _row_subset(rows: int, cols: int, max_elements: int | None, rng: np.random.G
     return np.sort(rng.choice(rows, size=k, replace=False))
 
 
+def row_subsets(n_mats: int, rows: int, cols: int, max_elements: int | None, seed: int) -> list[np.ndarray | None]:
+    """The seeded rows :func:`measure_tensor` measures in each of ``n_mats`` ``[rows, cols]`` matrices
+    (None: all rows). The damage gradients are taken on exactly these rows, before the measurement.
+
+    Example:
+        >>> [None if r is None else len(r) for r in row_subsets(2, 64, 256, 16 * 256, seed=0)]
+        [8, 8]
+    """
+    rng = np.random.default_rng(seed)
+    per_mat = None if max_elements is None else max(1, max_elements // max(1, n_mats))
+    return [_row_subset(rows, cols, per_mat, rng) for _ in range(n_mats)]
+
+
 def measure_tensor(
     mats: Sequence[MatrixInput],
     shape: Sequence[int],
@@ -173,6 +194,8 @@ def measure_tensor(
     n_threads: int | None = None,
     device: str = "cpu",
     kernels: bool | None = None,
+    subsets: Sequence[np.ndarray | None] | None = None,
+    rows_scale: float | None = None,
 ) -> tuple[TypeError_, ...]:
     """Errors and exact bytes of one GGUF tensor for every candidate type.
 
@@ -188,6 +211,10 @@ def measure_tensor(
             ``cpu`` uses libggml for every type.
         kernels: force the kernel path on ``device`` (True; on a CPU device it runs the kernels' torch
             reference, for tests) or the libggml path (False); None decides by :func:`measure_path`.
+        subsets: the rows measured per matrix (default :func:`row_subsets` of ``max_elements`` and ``seed``);
+            gradients in ``mats`` must be on these rows.
+        rows_scale: what the gradient projection sum is multiplied by to stand for the whole tensor (default:
+            all rows of ``shape`` / measured rows; 1 when the measured rows are the only ones with gradient).
 
     Returns:
         One ``TypeError_`` per candidate, in order. ``act_err`` is None when no matrix has inputs;
@@ -199,17 +226,25 @@ def measure_tensor(
         >>> e.stored, e.nbytes
         (<QuantFormat.Q8_0: 'Q8_0'>, 272)
     """
-    rng = np.random.default_rng(seed)
-    per_mat = None if max_elements is None else max(1, max_elements // max(1, len(mats)))
-    subsets = [_row_subset(m.weight.shape[0], m.weight.shape[1], per_mat, rng) for m in mats]
+    if subsets is None:
+        rows0, cols0 = mats[0].weight.shape if mats else (0, 0)
+        same = all(m.weight.shape == (rows0, cols0) for m in mats)
+        subsets = (row_subsets(len(mats), rows0, cols0, max_elements, seed) if same else
+                   [row_subsets(1, *m.weight.shape, max_elements, seed + i)[0] for i, m in enumerate(mats)])
     prepared = []
     for m, rows in zip(mats, subsets):
         w = np.ascontiguousarray(m.weight if rows is None else m.weight[rows], dtype=np.float32)
         x = None if m.x is None or len(m.x) == 0 else m.x.astype(np.float32)
-        prepared.append((w, m.importance, x))
+        if m.grads is not None and m.grads.shape[1:] != w.shape:
+            raise ValueError(f"gradients of shape {m.grads.shape[1:]} for a measured matrix of shape {w.shape}")
+        prepared.append((w, m.importance, x, m.grads))
 
     has_im = any(p[1] is not None for p in prepared)
     has_x = any(p[2] is not None for p in prepared)
+    has_g = any(p[3] is not None for p in prepared)
+    measured_rows = sum(p[0].shape[0] for p in prepared)
+    all_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    kld_scale = all_rows / measured_rows if rows_scale is None else rows_scale
     use_kernels = measure_path(device, announce=False) == "kernels" if kernels is None else kernels
     on_device = _DeviceMats(prepared, device) if use_kernels else None
     cpu_y: list[np.ndarray | None] | None = None
@@ -222,27 +257,37 @@ def measure_tensor(
                 sums = on_device.sums(stored)
             else:
                 if cpu_y is None:
-                    cpu_y = [None if x is None else x @ w.T for w, _, x in prepared]
+                    cpu_y = [None if x is None else x @ w.T for w, _, x, _ in prepared]
                 sums = _libggml_sums(prepared, cpu_y, stored, n_threads)
-            wn, wd, imn, imd, an, ad = sums
+            wn, wd, imn, imd, an, ad, kn = sums
             by_stored[stored] = (
                 wn / wd if wd > 0 else 0.0,
                 (imn / imd if imd > 0 else 0.0) if has_im else None,
                 (an / ad if ad > 0 else 0.0) if has_x else None,
+                0.5 * kn * kld_scale if has_g else None,
             )
-        werr, wierr, aerr = by_stored[stored]
-        out.append(TypeError_(fmt, stored, tensor_nbytes(stored, shape), werr, wierr, aerr))
+        werr, wierr, aerr, kld = by_stored[stored]
+        out.append(TypeError_(fmt, stored, tensor_nbytes(stored, shape), werr, wierr, aerr, kld))
     return tuple(out)
 
 
-_Sums = tuple[float, float, float, float, float, float]  # weight num/den, imatrix num/den, activation num/den
+# weight num/den, imatrix num/den, activation num/den, sum of squared gradient projections
+_Sums = tuple[float, float, float, float, float, float, float]
+
+
+def _grad_projection(d: np.ndarray, g: np.ndarray) -> float:
+    """sum over probes n and rows i of (d_i . g_n,i)^2, in float64."""
+    s = np.einsum("rc,nrc->nr", d.astype(np.float64), g.astype(np.float64), optimize=True)
+    return float((s * s).sum())
 
 
 def _libggml_sums(prepared: list, ys: list, stored: QuantFormat, n_threads: int | None) -> _Sums:
-    wn = wd = imn = imd = an = ad = 0.0
-    for (w, im, x), y in zip(prepared, ys):
+    wn = wd = imn = imd = an = ad = kn = 0.0
+    for (w, im, x, g), y in zip(prepared, ys):
         q = round_trip(w, stored, im, n_threads)
         d = q - w
+        if g is not None:
+            kn += _grad_projection(d, g)
         d2 = d.astype(np.float64) ** 2
         w2 = w.astype(np.float64) ** 2
         wn += float(d2.sum())
@@ -254,15 +299,15 @@ def _libggml_sums(prepared: list, ys: list, stored: QuantFormat, n_threads: int 
             e = x @ d.T
             an += float((e.astype(np.float64) ** 2).sum())
             ad += float((y.astype(np.float64) ** 2).sum())
-    return wn, wd, imn, imd, an, ad
+    return wn, wd, imn, imd, an, ad, kn
 
 
 class _DeviceMats:
     """One tensor's matrices on the kernel device, moved once and measured for every kernel type.
 
     Weight and imatrix sums come from the fused :func:`dq.kernels.quant_error` (Triton on CUDA, the torch
-    reference elsewhere); the activation error needs Q(W) itself, which the same pass writes when asked
-    (``return_dequantized``), followed by a float64 matmul on the device.
+    reference elsewhere); the activation error and the gradient projection need Q(W) itself, which the same
+    pass writes when asked (``return_dequantized``), followed by float64 products on the device.
     """
 
     def __init__(self, prepared: list, device: str) -> None:
@@ -270,31 +315,35 @@ class _DeviceMats:
 
         self._torch = torch
         self.mats = []
-        for w, im, x in prepared:
+        for w, im, x, g in prepared:
             wt = torch.from_numpy(w).to(device)
             imt = None if im is None else torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)).to(device)
             xt = None if x is None else torch.from_numpy(x).to(device=device, dtype=torch.float64)
+            gt = None if g is None else torch.from_numpy(np.ascontiguousarray(g)).to(device=device, dtype=torch.float64)
             ysq = None if xt is None else float(((xt @ wt.T.to(torch.float64)) ** 2).sum())
-            self.mats.append((wt, imt, xt, ysq))
+            self.mats.append((wt, imt, xt, gt, ysq))
 
     def sums(self, stored: QuantFormat) -> _Sums:
         from dq.kernels.api import quant_error
 
         torch = self._torch
-        acc = torch.zeros(5, dtype=torch.float64, device=self.mats[0][0].device) if self.mats else None
+        acc = torch.zeros(6, dtype=torch.float64, device=self.mats[0][0].device) if self.mats else None
         ad = 0.0
-        for wt, imt, xt, ysq in self.mats:
-            s = quant_error(wt, stored, imt, imatrix_quantizer=imt is not None, return_dequantized=xt is not None)
+        for wt, imt, xt, gt, ysq in self.mats:
+            need_q = xt is not None or gt is not None
+            s = quant_error(wt, stored, imt, imatrix_quantizer=imt is not None, return_dequantized=need_q)
             parts = [s["sse"], s["sumsq"]] + ([s["wsse"], s["wsumsq"]] if imt is not None else [s["sse"][:0]] * 2)
             row = [p.to(torch.float64).sum() for p in parts]
+            zero = torch.zeros((), dtype=torch.float64, device=wt.device)
+            d = s["deq"].to(torch.float64) - wt.to(torch.float64) if need_q else None
             if xt is not None:
-                d = s["deq"].to(torch.float64) - wt.to(torch.float64)
                 row.append(((xt @ d.T) ** 2).sum())
                 ad += ysq
             else:
-                row.append(torch.zeros((), dtype=torch.float64, device=wt.device))
+                row.append(zero)
+            row.append(((gt * d).sum(-1) ** 2).sum() if gt is not None else zero)
             acc += torch.stack(row)
         if acc is None:
-            return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-        wn, wd, imn, imd, an = acc.tolist()  # one device sync per tensor and type
-        return wn, wd, imn, imd, an, ad
+            return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        wn, wd, imn, imd, an, kn = acc.tolist()  # one device sync per tensor and type
+        return wn, wd, imn, imd, an, ad, kn

@@ -25,7 +25,8 @@ from torch import nn
 
 from dq.analysis.loader import ModelSkeleton
 
-__all__ = ["LayerArgs", "embed", "run_layer", "final_hidden", "head_logprobs", "tokenize_calibration"]
+__all__ = ["LayerArgs", "embed", "run_layer", "final_norm", "final_hidden", "head_logprobs", "softcap",
+           "used_rows", "tokenize_calibration"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class LayerArgs:
     kwargs: list[dict[str, Any]]
 
 
-def _used_rows(sk: ModelSkeleton, name: str, ids: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+def used_rows(sk: ModelSkeleton, name: str, ids: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
     """float32 rows ``ids`` (sorted, unique) of parameter ``name``, read in row chunks."""
     shape = sk.module_param(name).shape
     chunk = max(1, chunk_bytes // (4 * max(1, int(np.prod(shape[1:])))))
@@ -94,7 +95,7 @@ def embed(sk: ModelSkeleton, input_ids: torch.Tensor) -> tuple[torch.Tensor, Lay
     layer_args: LayerArgs | None = None
     try:
         sk.load(sk.text_model_path, exclude=(sk.layers_path, emb_path))
-        emb.weight = nn.Parameter(_used_rows(sk, f"{emb_path}.weight", uniq).to(sk.device), requires_grad=False)
+        emb.weight = nn.Parameter(used_rows(sk, f"{emb_path}.weight", uniq).to(sk.device), requires_grad=False)
         if padding_idx is not None:  # only masks gradients, and the index may not exist in the small table
             emb.padding_idx = None
         for i in range(len(originals)):
@@ -149,18 +150,19 @@ def run_layer(
     return out
 
 
-def _final_norm(sk: ModelSkeleton) -> nn.Module:
+def final_norm(sk: ModelSkeleton) -> tuple[nn.Module, str]:
+    """The text model's final norm module and its module path."""
     tm = sk.text_model
     for name in ("norm", "final_layernorm", "final_layer_norm", "ln_f"):
         if hasattr(tm, name):
-            return getattr(tm, name)
+            norm = getattr(tm, name)
+            return norm, next(n for n, m in sk.model.named_modules() if m is norm)
     raise RuntimeError(f"{type(tm).__name__} has no final norm module")
 
 
 def final_hidden(sk: ModelSkeleton, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the text model's final norm (loading and freeing it)."""
-    norm = _final_norm(sk)
-    path = next(n for n, m in sk.model.named_modules() if m is norm)
+    norm, path = final_norm(sk)
     sk.load(path)
     try:
         with torch.no_grad():
@@ -169,7 +171,8 @@ def final_hidden(sk: ModelSkeleton, hidden: torch.Tensor) -> torch.Tensor:
         sk.free(path)
 
 
-def _softcap(sk: ModelSkeleton) -> float | None:
+def softcap(sk: ModelSkeleton) -> float | None:
+    """Final logit soft-capping of the model (Gemma-2), or None."""
     v = getattr(sk.text_config, "final_logit_softcapping", None)
     return float(v) if v else None
 
@@ -180,7 +183,7 @@ def head_logprobs(sk: ModelSkeleton, normed: torch.Tensor, chunk: int = 256):
     The LM head must be loaded by the caller; chunks keep the ``[tokens, vocab]`` matrix small.
     """
     head = sk.model.get_output_embeddings()
-    cap = _softcap(sk)
+    cap = softcap(sk)
     flat = normed.reshape(-1, normed.shape[-1])
     for t0 in range(0, flat.shape[0], chunk):
         # no_grad per chunk, never across a yield: a generator suspended inside the context would leave

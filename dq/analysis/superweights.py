@@ -24,7 +24,7 @@ import torch
 from dq.analysis.artifact import SuperWeight
 from dq.analysis.collect import TensorStats
 from dq.analysis.loader import ModelSkeleton
-from dq.analysis.stream import LayerArgs, _softcap, embed, final_hidden, run_layer
+from dq.analysis.stream import LayerArgs, embed, final_hidden, run_layer, softcap
 
 __all__ = ["Spike", "spikes_of", "select_candidates", "ablate", "super_activations", "super_experts"]
 
@@ -170,7 +170,7 @@ def _score(sk: ModelSkeleton, normed: dict, input_ids: torch.Tensor, n: int) -> 
     head = sk.output_head_path()
     head_mod = sk.module(head)
     has_bias = getattr(head_mod, "bias", None) is not None
-    cap = _softcap(sk)
+    cap = softcap(sk)
     targets = torch.cat([input_ids[:, 1:], torch.full((input_ids.shape[0], 1), -1)], 1).reshape(-1)
     valid = targets >= 0
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in normed.items()}
