@@ -127,8 +127,8 @@ def main() -> int:
     ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
 
+    from dq.convert.source import source_gguf
     from dq.evals.thresholds import build_quant
-    from dq.export.source import source_gguf
     from dq.models import materialize
 
     base_dir = materialize("smollm2-135m")

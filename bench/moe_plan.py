@@ -41,10 +41,10 @@ def _bits(plan_types: dict, shapes: dict) -> tuple[float, float]:
 
 def run(name: str, model: Path, adir: Path, work: Path, ctx: int, chunks: int) -> list[dict]:
     from dq.analysis.analyze import AnalyzeOptions, analyze
-    from dq.analysis.planning import budget_bytes, load_plan_inputs, make_plan
     from dq.errors import BudgetError
     from dq.evals.kld import KLDConfig, run_kld
     from dq.export.gguf_quantize import quantize_gguf
+    from dq.plan.planner import budget_bytes, load_plan_inputs, make_plan
     from dq.quant.assign import assign_types, read_source_tensors
     from dq.quant.llama_quantize import llama_quantize
 

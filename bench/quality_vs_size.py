@@ -23,9 +23,9 @@ PRESETS = ["Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_XXS", "IQ1_S"]
 def run_model(name: str, out: Path, presets: list[str], chunks: int, ctx: int, analyze_tokens: int,
               refine: tuple[str, ...] = ()) -> list[dict]:
     from dq.analysis.analyze import AnalyzeOptions, analyze
-    from dq.analysis.planning import load_plan_inputs, make_plan
     from dq.evals.kld import KLDConfig, run_kld
     from dq.export.gguf_quantize import quantize_gguf
+    from dq.plan.planner import load_plan_inputs, make_plan
     from dq.quant.assign import assign_types, read_source_tensors
     from dq.quant.llama_quantize import llama_quantize
 

@@ -49,8 +49,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from dq.analysis.analyze import AnalyzeOptions, analyze
+    from dq.convert.source import source_gguf
     from dq.export.gguf_quantize import quantize_gguf
-    from dq.export.source import source_gguf
     from dq.models import resolve_model
     from dq.quant.assign import assign_preset, parse_tensor_type
     from dq.quant.imatrix import read_imatrix

@@ -28,7 +28,7 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def smollm2_bf16_gguf(smollm2_dir):
     """SmolLM2-135M converted to BF16 GGUF by llama.cpp's convert_hf_to_gguf.py (cached)."""
-    from dq.export.source import source_gguf
+    from dq.convert.source import source_gguf
 
     return source_gguf(smollm2_dir)
 
@@ -43,7 +43,7 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bf16_gguf(tiny_llama_dir, tmp_path_factory):
-    from dq.export.convert import convert_hf_to_gguf
+    from dq.convert.convert import convert_hf_to_gguf
 
     return convert_hf_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny-bf16.gguf")
 

@@ -193,7 +193,7 @@ def _prepare_out(out_dir: Path, ck: Checkpoints, state: dict, resume: bool) -> N
     if resume:
         log.info("nothing to resume in %s; starting afresh", out_dir)
     ck.clear()
-    from dq.export.atomic import atomic_path
+    from dq.io.atomic import atomic_path
 
     with atomic_path(state_path) as tmp:
         tmp.write_text(json.dumps(state, indent=1))
@@ -437,7 +437,9 @@ def analyze(
     found_all.merge(head_found)
     saved = ck.load_tensor("grad.pt")
     top, g = int(saved["layer"]), saved["grad"]
-    if top < sk.n_layers - 1:
+    if top < 0:
+        log.info("resuming: all %d layers are measured already", sk.n_layers)
+    elif top < sk.n_layers - 1:
         log.info("resuming the backward sweep at layer %d", top)
     g = _backward_sweep(sk, mapper, ck, layer_args, g, top, found_all.imatrix, sampled, opt, progress)
     for i in range(sk.n_layers):

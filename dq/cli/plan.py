@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from dq.quant.plan import QuantPlan
+from dq.plan.artifact import QuantPlan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,17 +33,13 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-size", default=None, help="whole-file budget, e.g. 80MB, 1.5GB, 700MiB")
     p.add_argument("--target-bpw", type=float, default=None, help="budget in bits per weight over all tensors")
     p.add_argument("--policy", type=Path, default=None, help="YAML with policy overrides (role_floors, ...)")
-    p.add_argument("--refine", action="store_true",
-                   help="measure the plan's real KLD and re-allocate by measured ΔKLD per role (slower)")
-    p.add_argument("--no-calibrate", action="store_true",
-                   help="skip the single-tensor KLD calibration of the damage weights (faster, less accurate)")
 
 
 def load_policy(path: Path | None):
     import yaml
 
-    from dq.analysis.policy import Policy
     from dq.errors import PlanError
+    from dq.plan.policy import Policy
 
     if path is None:
         return Policy()
@@ -53,14 +49,13 @@ def load_policy(path: Path | None):
 
 
 def build_plan(analysis_path: Path, args: argparse.Namespace):
-    from dq.analysis.planning import budget_bytes, load_plan_inputs, make_plan
+    from dq.plan.planner import budget_bytes, load_plan_inputs, make_plan
     from dq.quant.assign import read_source_tensors
 
     inputs = load_plan_inputs(analysis_path)
     n = sum(math.prod(s.shape) for s in read_source_tensors(inputs.source_gguf))
     budget = budget_bytes(args.target_size, args.target_bpw, n)
-    plan = make_plan(inputs, budget, policy=load_policy(args.policy), calibrate=not args.no_calibrate,
-                     refine=args.refine)
+    plan = make_plan(inputs, budget, policy=load_policy(args.policy))
     return inputs, plan
 
 
@@ -72,7 +67,7 @@ def print_summary(plan: QuantPlan, file=None) -> None:
         by_type[t.type.value] += 1
         bytes_by_type[t.type.value] += t.bytes
     print(f"model: {plan.model}", file=file)
-    print(f"file size: {plan.total_bytes:,} bytes (budget {plan.budget_bytes:,}); predicted damage "
+    print(f"file size: {plan.total_bytes:,} bytes (budget {plan.budget_bytes:,}); predicted mean KLD "
           f"{plan.predicted_damage:.4g}", file=file)
     print(f"{'type':>8}  {'tensors':>7}  {'bytes':>14}", file=file)
     for fmt, n in sorted(by_type.items(), key=lambda kv: -bytes_by_type[kv[0]]):
@@ -85,7 +80,7 @@ def print_summary(plan: QuantPlan, file=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dq.export.atomic import check_writable
+    from dq.io.atomic import check_writable
 
     check_writable(args.output)
     _, plan = build_plan(args.analysis, args)

@@ -15,13 +15,14 @@ import logging
 import sys
 from pathlib import Path
 
+from dq.convert.source import source_gguf
 from dq.errors import BudgetError
-from dq.export.atomic import check_writable
-from dq.export.gguf_quantize import predict_size, quantize_gguf
-from dq.export.source import source_gguf
+from dq.export.gguf_quantize import quantize_gguf
+from dq.io.atomic import check_writable
 from dq.models import resolve_model
 from dq.quant.assign import TypeAssignment, assign_preset, parse_tensor_type
 from dq.quant.imatrix import read_imatrix
+from dq.quant.layout import predict_size
 from dq.quant.llama_quantize import PRESETS, parse_preset
 
 log = logging.getLogger("dq.cli.quantize")
@@ -100,7 +101,7 @@ def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
     from dq.analysis.analyze import analyze
     from dq.cache import cache_dir
     from dq.cli.plan import build_plan, print_summary
-    from dq.export.source import _fingerprint
+    from dq.convert.source import _fingerprint
 
     if args.target_size is None and args.target_bpw is None:
         raise BudgetError("--plan auto needs a budget: --target-size (e.g. 80MB) or --target-bpw (e.g. 2.5)")
@@ -121,8 +122,8 @@ def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
 
 def _plan_assignment(args, model: Path, output: Path, src: Path):
     from dq.analysis.artifact import imatrix_beside
+    from dq.plan.artifact import QuantPlan
     from dq.quant.assign import assign_types, read_source_tensors
-    from dq.quant.plan import QuantPlan
 
     plan = _auto_plan(args, model, output) if args.plan == "auto" else Path(args.plan)
     plan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)

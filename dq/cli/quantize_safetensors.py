@@ -80,7 +80,7 @@ def _target_bytes(model: Path, target_size: str | None, target_bpw: float | None
 
     from safetensors import safe_open
 
-    from dq.analysis.planning import budget_bytes
+    from dq.plan.planner import budget_bytes
 
     n = 0
     for f in sorted(model.glob("*.safetensors")):

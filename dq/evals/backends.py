@@ -137,7 +137,7 @@ class GGUFLogits(LogitsModel):
                  tokenizer_only: bool = False):
         import llama_cpp
 
-        from dq.export.source import check_gguf
+        from dq.convert.source import check_gguf
 
         check_gguf(ref.path)
         self.ref = ref

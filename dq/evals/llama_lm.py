@@ -41,7 +41,7 @@ class _LlamaCppLMBase:
                  n_batch: int = 512) -> None:
         import llama_cpp
 
-        from dq.export.source import check_gguf
+        from dq.convert.source import check_gguf
 
         super().__init__()
         check_gguf(Path(path))

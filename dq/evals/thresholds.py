@@ -228,9 +228,9 @@ def build_quant(model: str | Path, preset: str, tensor_type: tuple[str, ...] = (
     once; return the GGUF path. The key covers the source GGUF, preset, overrides, imatrix and dq version.
     """
     import dq
+    from dq.convert.source import source_gguf
     from dq.evals.backends import resolve_model_ref
     from dq.export.gguf_quantize import quantize_gguf
-    from dq.export.source import source_gguf
     from dq.quant.assign import assign_preset, parse_tensor_type
     from dq.quant.imatrix import read_imatrix
     from dq.quant.llama_quantize import PRESETS, parse_preset
@@ -263,12 +263,12 @@ def build_plan_quant(model: str | Path, plan_path: Path, imatrix: Path | None = 
     The imatrix is ``imatrix`` or, by default, the one beside the plan's analysis.
     """
     from dq.analysis.artifact import imatrix_beside
+    from dq.convert.source import source_gguf
     from dq.evals.backends import resolve_model_ref
     from dq.export.gguf_quantize import quantize_gguf
-    from dq.export.source import source_gguf
+    from dq.plan.artifact import QuantPlan
     from dq.quant.assign import assign_types, read_source_tensors
     from dq.quant.imatrix import read_imatrix
-    from dq.quant.plan import QuantPlan
 
     plan = QuantPlan.load(plan_path)
     src = source_gguf(resolve_model_ref(model).path)

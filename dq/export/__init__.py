@@ -1,2 +1,2 @@
-"""Writers: Hugging Face -> GGUF through llama.cpp's own converter (``convert``), quantized GGUF with a
-type per tensor (``gguf_quantize``) over a minimal, atomic GGUF writer (``gguf_writer``)."""
+"""Exporters of a plan: quantized GGUF with a type per tensor (``gguf_quantize``) and dynamic bitsandbytes
+NF4 safetensors (``safetensors_bnb``, with its measurement ``bnb_measure`` and plan ``bnb_plan``)."""

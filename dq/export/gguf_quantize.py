@@ -4,7 +4,7 @@ The source is an unquantized GGUF from llama.cpp's converter; its metadata is co
 ``general.file_type`` and the quantization keys are set as ``llama_model_quantize`` sets them, and each
 tensor is quantized with libggml's ``ggml_quantize_chunk`` (through ``dq.quant.libggml``), one tensor in
 memory at a time. MoE expert tensors (3-D) are quantized per expert with that expert's imatrix slice,
-as llama.cpp does. The header is built first, so :func:`predict_size` is exact.
+as llama.cpp does. The header is built first (:mod:`dq.quant.layout`), so :func:`dq.quant.layout.predict_size` is exact.
 
 Example:
     >>> a = assign_types(read_source_tensors("m-bf16.gguf"), explicit={...})   # doctest: +SKIP
@@ -14,35 +14,26 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-import dq
 from dq.errors import ImatrixRequiredError, PlanError
-from dq.export import gguf_keys as K
-from dq.export.gguf_writer import DEFAULT_ALIGNMENT, GGUFFileWriter
 from dq.quant import libggml
 from dq.quant.assign import TensorChoice, TypeAssignment
-from dq.quant.formats import FORMATS, QuantFormat
+from dq.quant.formats import FORMATS
 from dq.quant.imatrix import Imatrix
+from dq.quant.layout import build_writer, open_source
 
-__all__ = ["QuantizeResult", "predict_size", "quantize_gguf", "file_type_for", "header_size"]
+if TYPE_CHECKING:
+    from dq.export.tensor_cache import TensorCache
+
+__all__ = ["QuantizeResult", "quantize_gguf"]
 
 log = logging.getLogger(__name__)
-
-# enum llama_ftype for a file whose bytes are mostly one type (general.file_type is informational).
-_FTYPE = {
-    QuantFormat.F32: 0, QuantFormat.F16: 1, QuantFormat.Q4_0: 2, QuantFormat.Q4_1: 3, QuantFormat.Q8_0: 7,
-    QuantFormat.Q5_0: 8, QuantFormat.Q5_1: 9, QuantFormat.Q2_K: 10, QuantFormat.Q3_K: 12,
-    QuantFormat.Q4_K: 15, QuantFormat.Q5_K: 17, QuantFormat.Q6_K: 18, QuantFormat.IQ2_XXS: 19,
-    QuantFormat.IQ2_XS: 20, QuantFormat.IQ3_XXS: 23, QuantFormat.IQ1_S: 24, QuantFormat.IQ4_NL: 25,
-    QuantFormat.IQ3_S: 26, QuantFormat.IQ2_S: 28, QuantFormat.IQ4_XS: 30, QuantFormat.IQ1_M: 31,
-    QuantFormat.BF16: 32, QuantFormat.TQ1_0: 36, QuantFormat.TQ2_0: 37, QuantFormat.MXFP4: 38,
-}
 
 
 @dataclass(frozen=True)
@@ -50,18 +41,6 @@ class QuantizeResult:
     path: Path
     size: int
     assignment: TypeAssignment
-
-
-def file_type_for(assignment: TypeAssignment, preset_ftype: int | None = None) -> int:
-    """``general.file_type``: the preset's ftype, else that of the type holding most bytes."""
-    if preset_ftype is not None:
-        return preset_ftype
-    by_bytes: Counter[QuantFormat] = Counter()
-    for c in assignment.choices:
-        if len(c.shape) >= 2:
-            by_bytes[c.stored] += c.nbytes
-    top = by_bytes.most_common(1)[0][0] if by_bytes else QuantFormat.F32
-    return _FTYPE.get(top, 1024)  # LLAMA_FTYPE_GUESSED
 
 
 def _check_imatrix(assignment: TypeAssignment, imatrix: Imatrix | None) -> None:
@@ -78,46 +57,6 @@ def _check_imatrix(assignment: TypeAssignment, imatrix: Imatrix | None) -> None:
         expected = (c.shape[0] if len(c.shape) == 3 else 1, c.shape[-1])
         if tuple(n_mat) != expected:
             raise PlanError(f"imatrix entry for {c.name} has shape {n_mat}, expected {expected}: wrong model?")
-
-
-def _build_writer(src_reader, assignment: TypeAssignment, imatrix: Imatrix | None,
-                  imatrix_name: str | None, preset_ftype: int | None) -> GGUFFileWriter:
-    align_field = src_reader.fields.get(K.GENERAL_ALIGNMENT)
-    alignment = int(align_field.contents()) if align_field is not None else DEFAULT_ALIGNMENT
-    w = GGUFFileWriter(alignment=alignment)
-    for key, field in src_reader.fields.items():
-        if key.startswith("GGUF."):  # gguf-py's pseudo-fields for the file header
-            continue
-        w.add_raw_kv(key, b"".join(np.asarray(p).tobytes() for p in field.parts))
-    w.add_uint32(K.GENERAL_QUANTIZATION_VERSION, K.QUANTIZATION_VERSION)
-    w.add_uint32(K.GENERAL_FILE_TYPE, file_type_for(assignment, preset_ftype))
-    w.add_string(K.DQ_VERSION, dq.__version__)
-    if imatrix is not None:
-        w.add_string(K.QUANTIZE_IMATRIX_FILE, imatrix_name or "imatrix.gguf")
-        if imatrix.datasets:
-            w.add_string(K.QUANTIZE_IMATRIX_DATASET, imatrix.datasets[0])
-        w.add_int32(K.QUANTIZE_IMATRIX_N_ENTRIES, len(imatrix.entries))
-        w.add_int32(K.QUANTIZE_IMATRIX_N_CHUNKS, int(imatrix.chunk_count))
-    for c in assignment.choices:
-        w.add_tensor_info(c.name, c.shape, c.stored)
-    return w
-
-
-def _open_source(src: str | Path, assignment: TypeAssignment):
-    from gguf import GGUFReader
-
-    reader = GGUFReader(src)
-    names = [t.name for t in reader.tensors]
-    if names != [c.name for c in assignment.choices]:
-        raise PlanError(f"the type assignment does not match the tensors of {src}; rebuild it for this file")
-    return reader
-
-
-def predict_size(src: str | Path, assignment: TypeAssignment, *, imatrix: Imatrix | None = None,
-                 imatrix_name: str | None = None, preset_ftype: int | None = None) -> int:
-    """Exact size in bytes of the file :func:`quantize_gguf` would write with the same arguments."""
-    reader = _open_source(src, assignment)
-    return _build_writer(reader, assignment, imatrix, imatrix_name, preset_ftype).total_size()
 
 
 def _payload(choice: TensorChoice, raw: np.ndarray, imatrix: Imatrix | None, n_threads: int | None) -> bytes:
@@ -147,6 +86,7 @@ def quantize_gguf(
     preset_ftype: int | None = None,
     n_threads: int | None = None,
     progress: Callable[[TensorChoice, int], None] | None = None,
+    tensor_cache: TensorCache | None = None,
 ) -> QuantizeResult:
     """Quantize ``src`` into ``dst`` (atomically) with the types in ``assignment``.
 
@@ -159,19 +99,28 @@ def quantize_gguf(
         preset_ftype: ``general.file_type`` to record (default: from the dominant type).
         n_threads: quantizer threads.
         progress: called after each tensor with (choice, bytes written).
+        tensor_cache: reuse (and keep) quantized tensor bytes across calls (:mod:`dq.export.tensor_cache`).
 
     Returns:
         The path, its size (equal to :func:`predict_size`) and the assignment.
     """
-    reader = _open_source(src, assignment)
+    reader = open_source(src, assignment)
     _check_imatrix(assignment, imatrix)
-    writer = _build_writer(reader, assignment, imatrix, imatrix_name, preset_ftype)
+    writer = build_writer(reader, assignment, imatrix, imatrix_name, preset_ftype)
     expected = writer.total_size()
     writer.open(dst)
     try:
         for choice, tensor in zip(assignment.choices, reader.tensors):
             raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
-            payload = _payload(choice, raw, imatrix, n_threads)
+            if tensor_cache is None or choice.stored is choice.source:
+                payload = _payload(choice, raw, imatrix, n_threads)
+            else:
+                digest = tensor_cache.source_digest(Path(src), choice.name, raw)
+                weights = imatrix.weights_for(choice.name) if imatrix is not None else None
+                payload = tensor_cache.get(digest, choice.stored, weights, choice.nbytes)
+                if payload is None:
+                    payload = _payload(choice, raw, imatrix, n_threads)
+                    tensor_cache.put(digest, choice.stored, weights, payload)
             writer.write_tensor(choice.name, payload)
             if progress is not None:
                 progress(choice, len(payload))
@@ -180,15 +129,6 @@ def quantize_gguf(
         writer.abort()
         raise
     size = Path(dst).stat().st_size
-    assert size == expected, (size, expected)
+    if size != expected:
+        raise RuntimeError(f"{dst} has {size:,} bytes where its header promised {expected:,} (a bug in dq)")
     return QuantizeResult(Path(dst), size, assignment)
-
-
-def header_size(src: str | Path, *, imatrix: Imatrix | None = None, imatrix_name: str | None = None) -> int:
-    """Exact size of the (padded) header :func:`quantize_gguf` writes for ``src``; it does not depend on
-    the tensor types, so a planner can price tensors separately."""
-    from dq.quant.assign import assign_types, read_source_tensors
-
-    kept = assign_types(read_source_tensors(src))
-    reader = _open_source(src, kept)
-    return len(_build_writer(reader, kept, imatrix, imatrix_name, None).header_bytes())

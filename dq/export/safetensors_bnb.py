@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dq.convert.convert import read_hf_config
 from dq.errors import NotAModelError, OutputNotWritableError
 from dq.export.bnb_measure import (
     BLOCKSIZE,
@@ -43,7 +44,6 @@ from dq.export.bnb_plan import (
     module_role,
     select_modules,
 )
-from dq.export.convert import read_hf_config
 
 __all__ = ["SafetensorsQuant", "quantize_safetensors_bnb", "quantization_config", "nf4_nbytes", "DEFAULT_SHARD_BYTES"]
 

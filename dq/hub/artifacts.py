@@ -87,7 +87,7 @@ def _gguf_info(path: Path) -> tuple[str, int | None, dict, dict[str, int]]:
     """(general.type, file_type, metadata subset, tensor type -> bytes) of a GGUF."""
     from gguf import GGUFReader
 
-    from dq.export.source import check_gguf
+    from dq.convert.source import check_gguf
 
     check_gguf(path)
     r = GGUFReader(path)

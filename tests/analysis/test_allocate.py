@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dq.analysis.allocate import Item, Option, allocate, solve
 from dq.analysis.artifact import Analysis, SuperWeight, TensorMeasurement, TypeError_
-from dq.analysis.policy import Policy
 from dq.analysis.roles import TensorRole, classify, layer_index
 from dq.errors import BudgetError, PlanError
+from dq.plan.allocate import Item, Option, allocate, solve
+from dq.plan.artifact import QuantPlan, tensor_fingerprint
+from dq.plan.policy import Policy
 from dq.quant.assign import SourceTensor
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, tensor_nbytes
-from dq.quant.plan import QuantPlan, tensor_fingerprint
 
 Q = QuantFormat
 
@@ -49,7 +49,8 @@ def _fake(names_shapes, sw_tensor=None) -> tuple[Analysis, list[SourceTensor]]:
             continue
         errs = tuple(
             TypeError_(f, effective_format(f, shape), tensor_nbytes(effective_format(f, shape), shape),
-                       weight_err=2.0 ** -(2 * FORMATS[f].bits_per_weight), act_err=2.0 ** -(2 * FORMATS[f].bits_per_weight))
+                       weight_err=2.0 ** -(2 * FORMATS[f].bits_per_weight), act_err=2.0 ** -(2 * FORMATS[f].bits_per_weight),
+                       kld=2.0 ** -(2 * FORMATS[f].bits_per_weight))
             for f in cands
         )
         tensors.append(TensorMeasurement(name, name, classify(name), layer_index(name), shape, errs))
@@ -131,7 +132,7 @@ def test_plan_file_round_trip_and_validation(tmp_path):
     with pytest.raises(PlanError, match="another model"):
         again.check_model(other)
     assert tensor_fingerprint(other) != plan.fingerprint
-    text = path.read_text().replace("version: 1", "version: 1\nbogus: 3", 1)
+    text = path.read_text().replace("version: 2", "version: 2\nbogus: 3", 1)
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(PlanError, match="unknown keys"):
         QuantPlan.load(tmp_path / "bad.yaml")

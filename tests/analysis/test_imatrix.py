@@ -31,13 +31,12 @@ def _hand_sums(model_dir, ids):
 def test_imatrix_equals_hand_computation(tiny_analysis, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from dq.analysis.stream import tokenize_calibration
-    from dq.data import calibration_text
+    from dq.calibration import sample_calibration
 
     analysis, out, opts = tiny_analysis
     im = read_imatrix(out / "imatrix.gguf")
-    ids = tokenize_calibration(AutoTokenizer.from_pretrained(tiny_llama_dir), calibration_text(), opts.n_tokens,
-                               opts.seq_len)
+    ids = sample_calibration(AutoTokenizer.from_pretrained(tiny_llama_dir), opts.n_tokens // opts.seq_len,
+                             opts.seq_len, seed=opts.seed).ids
     hand = _hand_sums(tiny_llama_dir, ids)
     pairs = {
         "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj", "blk.1.attn_v.weight": "model.layers.1.self_attn.v_proj",

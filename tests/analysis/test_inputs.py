@@ -49,18 +49,29 @@ def test_cli_turns_bad_input_into_exit_code(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_resume_skips_finished_blocks_and_refuses_another_model(tiny_analysis, tiny_llama_dir, tmp_path, caplog):
-    import shutil
-
     from dq.testing import tiny_llama
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(stage: str, n: int):
+        def progress(s: str, done: int, total: int) -> None:
+            if s == stage and done == n:
+                raise Stop
+        return progress
 
     analysis, out, opts = tiny_analysis
     work = tmp_path / "work"
-    shutil.copytree(out, work)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (work / "blocks").glob("layer_*")}
     caplog.set_level("INFO")
+    with pytest.raises(Stop):  # killed after the first block of the forward sweep
+        analyze(tiny_llama_dir, work, opts, progress=stop_after("forward", 1))
+    with pytest.raises(Stop):  # then after the first block of the backward sweep
+        analyze(tiny_llama_dir, work, opts, resume=True, progress=stop_after("measure", 1))
+    assert "resuming the forward sweep at layer 1 of 2" in caplog.text
+    done = (work / "blocks" / "layer_0001.json").stat().st_mtime_ns
     again = analyze(tiny_llama_dir, work, opts, resume=True)
-    assert "resuming at layer 2 of 2" in caplog.text
-    assert {p.name: p.stat().st_mtime_ns for p in (work / "blocks").glob("layer_*")} == mtimes
+    assert "resuming the backward sweep at layer 0" in caplog.text
+    assert (work / "blocks" / "layer_0001.json").stat().st_mtime_ns == done  # not measured again
     assert [t.to_dict() for t in again.tensors] == [t.to_dict() for t in analysis.tensors]
 
     other = tiny_llama(tmp_path / "other", seed=1, intermediate=768)

@@ -27,8 +27,8 @@ def moe(tiny_llama_dir, tmp_path_factory):
 
 
 def test_moe_at_1_8_bpw(moe, tmp_path):
-    from dq.analysis.planning import budget_bytes, load_plan_inputs, make_plan
     from dq.export.gguf_quantize import quantize_gguf
+    from dq.plan.planner import budget_bytes, load_plan_inputs, make_plan
     from dq.quant.assign import assign_types, read_source_tensors
 
     model, adir = moe

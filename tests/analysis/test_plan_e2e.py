@@ -9,7 +9,7 @@ import pytest
 from gguf import GGUFReader
 
 from dq.cli import main
-from dq.quant.plan import QuantPlan
+from dq.plan.artifact import QuantPlan
 
 
 def test_plan_then_quantize_writes_exactly_the_plan(tiny_analysis_dir, tiny_llama_dir, tmp_path, capsys):
@@ -53,7 +53,7 @@ def test_plan_from_another_model_is_refused(tiny_analysis_dir, tmp_path, capsys)
 
     other = tiny_llama(tmp_path / "other", intermediate=768)
     plan_path = tmp_path / "plan.yaml"
-    assert main(["plan", str(tiny_analysis_dir), "--target-bpw", "6", "-o", str(plan_path), "--no-calibrate"]) == 0
+    assert main(["plan", str(tiny_analysis_dir), "--target-bpw", "6", "-o", str(plan_path)]) == 0
     capsys.readouterr()
     assert main(["quantize", str(other), "--plan", str(plan_path), "-o", str(tmp_path / "x.gguf")]) == 2
     assert "another model" in capsys.readouterr().err
@@ -68,27 +68,6 @@ def test_plan_from_another_model_is_refused(tiny_analysis_dir, tmp_path, capsys)
 def test_budget_argument_errors(tiny_analysis_dir, tmp_path, capsys, argv, needle):
     assert main(["plan", str(tiny_analysis_dir), "-o", str(tmp_path / "p.yaml"), *argv]) == 2
     assert needle in capsys.readouterr().err
-
-
-def test_refine_never_returns_a_worse_plan(tiny_analysis_dir):
-    from dq.analysis.planning import load_plan_inputs, make_plan
-    from dq.analysis.refine import refine_plan
-    from dq.analysis.sensitivity import load_or_calibrate_gains
-    from dq.export.gguf_quantize import header_size
-
-    inputs = load_plan_inputs(tiny_analysis_dir)
-    plan = make_plan(inputs, 1_000_000)
-    gains = load_or_calibrate_gains(inputs.model_dir, inputs.analysis, tiny_analysis_dir / "gains.json")
-    header = header_size(inputs.source_gguf, imatrix=inputs.imatrix, imatrix_name=inputs.imatrix_path.name)
-    best, steps = refine_plan(inputs, plan, gains, header_bytes=header, chunks=2, ctx=256)
-    assert steps[0].what == "initial plan" and steps[1].what == "re-solved with corrected gains"
-    assert best.total_bytes <= plan.budget_bytes
-    initial = steps[0].measured_kld
-    if best is plan:  # nothing measured better
-        assert all(st.measured_kld >= initial for st in steps[1:])
-    else:  # the returned plan is the last accepted step, and it measured better than the initial plan
-        accepted = [st for st in steps[1:] if st.measured_kld < initial]
-        assert accepted and best.total_bytes == accepted[-1].bytes
 
 
 def test_quantize_plan_auto_with_an_existing_analysis(tiny_analysis_dir, tiny_llama_dir, tmp_path):

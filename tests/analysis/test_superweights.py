@@ -37,13 +37,12 @@ def test_planted_super_weight_found_exactly(smollm2_dir, tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from dq.analysis.stream import tokenize_calibration
-    from dq.data import calibration_text
+    from dq.calibration import sample_calibration
 
     opts = AnalyzeOptions(candidates=("Q8_0",), n_tokens=1024, seq_len=256, act_tokens=64, plots=False,
-                          ablation_tokens=256, max_ablations=6)
-    ids = tokenize_calibration(AutoTokenizer.from_pretrained(smollm2_dir), calibration_text(), opts.n_tokens,
-                               opts.seq_len)
+                          ablation_tokens=256, max_ablations=6, grad_tokens=256)
+    ids = sample_calibration(AutoTokenizer.from_pretrained(smollm2_dir), opts.n_tokens // opts.seq_len, opts.seq_len,
+                             seed=opts.seed).ids
     x_max, y_max = _down_proj_maxima(smollm2_dir, ids)
     col = int(torch.argmax(x_max))  # plant where the input already spikes, as a real super weight sits
     planted = tmp_path / "planted"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from dq.cli import main
+from dq.convert.convert import convert_hf_to_gguf
 from dq.errors import ConverterUnavailableError, UnsupportedArchitectureError
-from dq.export.convert import convert_hf_to_gguf
 
 
 def _run(capsys, *argv) -> tuple[int, str]:

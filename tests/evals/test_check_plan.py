@@ -9,7 +9,7 @@ from dq.cli import main
 
 def test_check_plan_entry_passes_and_fails(tiny_analysis_dir, tiny_llama_dir, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
-    assert main(["plan", str(tiny_analysis_dir), "--target-bpw", "6", "-o", str(plan), "--no-calibrate"]) == 0
+    assert main(["plan", str(tiny_analysis_dir), "--target-bpw", "6", "-o", str(plan)]) == 0
     capsys.readouterr()
 
     def write(bound):

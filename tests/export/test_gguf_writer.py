@@ -10,7 +10,7 @@ import pytest
 from gguf import GGUFReader
 
 from dq.errors import OutputNotWritableError
-from dq.export.gguf_writer import GGUFFileWriter
+from dq.io.gguf_writer import GGUFFileWriter
 from dq.quant import libggml
 from dq.quant.formats import QuantFormat
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from dq.export.gguf_quantize import predict_size, quantize_gguf
+from dq.export.gguf_quantize import quantize_gguf
 from dq.quant.assign import assign_preset, parse_tensor_type
 from dq.quant.imatrix import Imatrix
+from dq.quant.layout import predict_size
 from tests.imatrix_oracle import torch_imatrix
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 
 from dq.cache import cache_dir
+from dq.convert.convert import convert_hf_to_gguf, read_hf_config
 from dq.errors import CorruptFileError, ModelNotFoundError, NotAModelError
-from dq.export.convert import convert_hf_to_gguf, read_hf_config
 
 __all__ = ["source_gguf", "check_gguf"]
 

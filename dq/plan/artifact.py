@@ -1,7 +1,8 @@
 """``QuantPlan``: the readable, editable file ``dq plan`` writes and ``dq quantize --plan`` reads.
 
-YAML (or JSON) with a ``version``; unknown keys are rejected at every level. Per tensor: the type, its
-role, stored bytes, predicted damage and the reason (``optimiser``, ``policy floor``, ``super weight``,
+YAML (or JSON) with a ``version``; unknown keys are rejected at every level. The plan's ``predicted_damage``
+is the damage model's predicted mean KLD (nats per token) and ``damage_model`` records that model's form.
+Per tensor: the type, its role, stored bytes, predicted KLD and the reason (``optimiser``, ``policy floor``, ``super weight``,
 ``kept``). The plan records the model's tensor list fingerprint, so a plan made for another model is
 refused, and can be turned into llama-quantize ``--tensor-type`` lines that reproduce the same file
 with stock llama.cpp.
@@ -22,7 +23,8 @@ from dq.quant.formats import QuantFormat, parse_format
 
 __all__ = ["PLAN_VERSION", "PlanTensor", "QuantPlan", "tensor_fingerprint"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: damage_model is a mapping (form, probes, ...); predicted_damage is the predicted mean KLD
+_READABLE_VERSIONS = (1, 2)
 
 
 def tensor_fingerprint(tensors: Iterable[tuple[str, Sequence[int]]]) -> str:
@@ -35,6 +37,12 @@ def tensor_fingerprint(tensors: Iterable[tuple[str, Sequence[int]]]) -> str:
 
 def _reject_unknown(where: str, d: Mapping[str, Any], allowed: Iterable[str]) -> None:
     reject_unknown_keys(where, d, allowed, PlanError)
+
+
+def _damage_model(v: Any) -> dict[str, Any]:
+    if not v:
+        return {}
+    return dict(v) if isinstance(v, Mapping) else {"form": str(v)}  # version 1 wrote a sentence
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,7 @@ class QuantPlan:
     tensors: Mapping[str, PlanTensor]
     policy: Mapping[str, Any] = field(default_factory=dict)
     analysis: str | None = None
-    damage_model: str = ""
+    damage_model: Mapping[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     def explicit_types(self) -> dict[str, QuantFormat]:
@@ -108,7 +116,7 @@ class QuantPlan:
             "version": self.version, "model": self.model, "fingerprint": self.fingerprint,
             "analysis": self.analysis, "budget_bytes": self.budget_bytes, "total_bytes": self.total_bytes,
             "tensor_bytes": n_bytes, "predicted_damage": float(f"{self.predicted_damage:.6g}"),
-            "damage_model": self.damage_model, "policy": dict(self.policy),
+            "damage_model": dict(self.damage_model), "policy": dict(self.policy),
             "tensors": {name: t.to_dict() for name, t in self.tensors.items()},
         }
 
@@ -116,21 +124,21 @@ class QuantPlan:
     def from_dict(cls, d: Mapping[str, Any]) -> QuantPlan:
         allowed = [f.name for f in fields(cls)] + ["tensor_bytes"]
         _reject_unknown("plan", d, allowed)
-        if d.get("version") != PLAN_VERSION:
-            raise PlanError(f"plan version {d.get('version')!r} is not {PLAN_VERSION}; re-run `dq plan`")
+        if d.get("version") not in _READABLE_VERSIONS:
+            raise PlanError(f"plan version {d.get('version')!r} is not one of {_READABLE_VERSIONS}; re-run `dq plan`")
         if not isinstance(d.get("tensors"), Mapping) or not d["tensors"]:
             raise PlanError("plan has no `tensors` mapping")
         return cls(
             model=str(d["model"]), fingerprint=str(d["fingerprint"]), budget_bytes=int(d.get("budget_bytes", 0)),
             total_bytes=int(d.get("total_bytes", 0)), predicted_damage=float(d.get("predicted_damage", 0.0)),
             tensors={n: PlanTensor.from_dict(n, t) for n, t in d["tensors"].items()},
-            policy=d.get("policy") or {}, analysis=d.get("analysis"), damage_model=str(d.get("damage_model", "")),
+            policy=d.get("policy") or {}, analysis=d.get("analysis"), damage_model=_damage_model(d.get("damage_model")),
         )
 
     def save(self, path: str | Path) -> Path:
         import yaml
 
-        from dq.export.atomic import atomic_path
+        from dq.io.atomic import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:

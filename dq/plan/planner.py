@@ -1,8 +1,9 @@
 """From an analysis directory and a budget to a ``QuantPlan`` (what ``dq plan`` and ``--plan auto`` run).
 
 Steps: load ``analysis.json``; find the unquantized GGUF of the model it measured (converting once);
-price the header exactly (it carries the imatrix keys); calibrate tensor gains once per analysis
-(cached as ``gains.json`` beside it); solve the knapsack.
+build the damage model from the analysis (:mod:`dq.plan.damage`); price the header exactly (it carries
+the imatrix keys); solve the knapsack. No model pass runs here: planning every budget of a model costs
+one analysis, then seconds per budget.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dq.analysis.allocate import allocate
 from dq.analysis.artifact import Analysis, imatrix_beside
-from dq.analysis.policy import Policy
 from dq.errors import BudgetError, PlanError
+from dq.plan.allocate import allocate
+from dq.plan.artifact import QuantPlan
+from dq.plan.damage import DamageModel
+from dq.plan.policy import Policy
 from dq.quant.assign import read_source_tensors
 from dq.quant.imatrix import Imatrix, read_imatrix
-from dq.quant.plan import QuantPlan
+from dq.quant.layout import header_size
 
 __all__ = ["parse_size", "budget_bytes", "PlanInputs", "load_plan_inputs", "make_plan"]
 
@@ -59,17 +62,20 @@ def budget_bytes(target_size: str | int | None, target_bpw: float | None, n_elem
 
 @dataclass(frozen=True)
 class PlanInputs:
+    """Everything a plan is made from: the analysis, its damage model, the model's source GGUF, the imatrix."""
+
     analysis: Analysis
     analysis_path: Path
     model_dir: Path
     source_gguf: Path
     imatrix: Imatrix | None
     imatrix_path: Path | None
+    damage: DamageModel
 
 
 def load_plan_inputs(analysis_path: str | Path) -> PlanInputs:
     """Load an analysis and locate the model, its BF16 GGUF and its imatrix."""
-    from dq.export.source import source_gguf
+    from dq.convert.source import source_gguf
     from dq.models import resolve_model
 
     path = Path(analysis_path)
@@ -79,7 +85,8 @@ def load_plan_inputs(analysis_path: str | Path) -> PlanInputs:
     src = source_gguf(model_dir)
     im_path = imatrix_beside(adir / "analysis.json", analysis.imatrix_file)
     imatrix = read_imatrix(im_path) if im_path else None
-    return PlanInputs(analysis, adir / "analysis.json", model_dir, src, imatrix, im_path)
+    return PlanInputs(analysis, adir / "analysis.json", model_dir, src, imatrix, im_path,
+                      DamageModel.from_analysis(analysis))
 
 
 def make_plan(
@@ -87,14 +94,13 @@ def make_plan(
     budget: int,
     *,
     policy: Policy | None = None,
-    calibrate: bool = True,
-    calib_tokens: int = 512,
-    refine: bool = False,
 ) -> QuantPlan:
-    """Allocate types for ``inputs`` under ``budget`` bytes (the whole file)."""
-    from dq.analysis.sensitivity import load_or_calibrate_gains, pick_probe
-    from dq.export.gguf_quantize import header_size
+    """Allocate types for ``inputs`` under ``budget`` bytes (the whole file), least predicted KLD first.
 
+    Raises:
+        PlanError: the analysis measured tensors the model's GGUF does not have (another model's analysis).
+        BudgetError: the budget is below the smallest file the policy allows (the message states that size).
+    """
     sources = read_source_tensors(inputs.source_gguf)
     names = {s.name for s in sources}
     foreign = [t.name for t in inputs.analysis.tensors if t.name not in names]
@@ -103,22 +109,8 @@ def make_plan(
                         f"it belongs to another model; re-run `dq analyze` on {inputs.model_dir}")
     header = header_size(inputs.source_gguf, imatrix=inputs.imatrix,
                          imatrix_name=inputs.imatrix_path.name if inputs.imatrix_path else None)
-    gains = None
-    damage_model = "sum of measured local error (act_err, else weighted/weight error); gains not calibrated"
-    if calibrate:
-        gains = load_or_calibrate_gains(inputs.model_dir, inputs.analysis,
-                                        inputs.analysis_path.parent / "gains.json", n_tokens=calib_tokens)
-        damage_model = (f"predicted KLD = sum over tensors of gain * act_err; gain = KLD of the model with only that "
-                        f"tensor at {pick_probe(inputs.analysis)} / its act_err at that type, measured on "
-                        f"{calib_tokens} calibration tokens")
-    plan = allocate(inputs.analysis, sources, budget, header_bytes=header, policy=policy, gains=gains,
-                    analysis_path=str(inputs.analysis_path), damage_model=damage_model)
-    log.info("plan: %s bytes of %s budget, predicted damage %.4g", f"{plan.total_bytes:,}", f"{budget:,}",
+    plan = allocate(inputs.analysis, sources, budget, header_bytes=header, policy=policy,
+                    damage=inputs.damage, analysis_path=str(inputs.analysis_path))
+    log.info("plan: %s bytes of %s budget, predicted mean KLD %.4g", f"{plan.total_bytes:,}", f"{budget:,}",
              plan.predicted_damage)
-    if refine:
-        from dq.analysis.refine import refine_plan
-
-        plan, steps = refine_plan(inputs, plan, gains or {}, policy=policy, header_bytes=header)
-        for st in steps:
-            log.info("refine: %-32s %s bytes, measured KLD %.5f", st.what, f"{st.bytes:,}", st.measured_kld)
     return plan

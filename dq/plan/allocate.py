@@ -2,10 +2,9 @@
 
 Each quantizable tensor picks one type from its allowed candidates (``Policy``). Its cost is the exact
 number of bytes it adds to the GGUF (stored bytes after llama.cpp's block-size fallback, padded to the
-file's alignment); its predicted damage is ``gain[t] * err[t, type]``, where ``err`` is the measured
-activation error (or, where no activation error exists, the imatrix-weighted or plain weight error)
-and ``gain`` is the calibrated effect of that tensor's error on the final logits' KL divergence
-(``dq.analysis.sensitivity``). Header and non-quantizable tensors are fixed bytes. The MILP
+file's alignment); its damage is the damage model's predicted KLD of that tensor at that type
+(:mod:`dq.plan.damage`), so the objective is the plan's predicted mean KLD. Header and non-quantizable
+tensors are fixed bytes. The MILP
 
     minimise  sum_t sum_k damage[t,k] x[t,k]
     s.t.      sum_k x[t,k] = 1            for every tensor t
@@ -20,17 +19,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from dq.analysis.artifact import Analysis, TensorMeasurement
-from dq.analysis.policy import Policy
+from dq.analysis.artifact import Analysis
 from dq.analysis.roles import TensorRole, classify, layer_index
-from dq.errors import BudgetError
-from dq.export.gguf_writer import DEFAULT_ALIGNMENT, padded_size
+from dq.errors import BudgetError, PlanError
+from dq.io.gguf_writer import DEFAULT_ALIGNMENT, padded_size
+from dq.plan.artifact import PlanTensor, QuantPlan, tensor_fingerprint
+from dq.plan.damage import DamageModel
+from dq.plan.policy import Policy
 from dq.quant.assign import SourceTensor
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, tensor_nbytes
-from dq.quant.plan import PlanTensor, QuantPlan, tensor_fingerprint
 
 __all__ = ["Option", "Item", "build_items", "solve", "allocate", "plan_from_picks"]
 
@@ -53,27 +54,14 @@ class Item:
     floor_reason: str
 
 
-def _err(m: TensorMeasurement | None, fmt: QuantFormat) -> float | None:
-    if m is None:
-        return None
-    e = m.error_for(fmt)
-    if e is None:
-        return None
-    for v in (e.act_err, e.weighted_err, e.weight_err):
-        if v is not None:
-            return float(v)
-    return None
-
-
 def build_items(
     analysis: Analysis,
     sources: Sequence[SourceTensor],
     policy: Policy,
-    gains: Mapping[str, float] | None = None,
+    damage: DamageModel,
     alignment: int = DEFAULT_ALIGNMENT,
 ) -> tuple[list[Item], list[SourceTensor]]:
     """Knapsack items for the quantizable tensors, and the tensors kept as they are."""
-    measured = analysis.by_name()
     super_tensors = {s.tensor for s in analysis.super_weights
                      if s.ablation_ppl_ratio is None or s.ablation_ppl_ratio >= policy.super_weight_min_ppl_ratio}
     items, kept = [], []
@@ -82,22 +70,19 @@ def build_items(
         if len(src.shape) < 2 or Policy.kept(role):
             kept.append(src)
             continue
-        m = measured.get(src.name)
         holds_sw = src.name in super_tensors
         layer = layer_index(src.name)
         allowed = policy.allowed(role, layer, holds_sw, analysis.candidates)
-        gain = float((gains or {}).get(src.name, 1.0))
         opts = []
         for fmt in allowed:
             stored = fmt if FORMATS[fmt].is_float else effective_format(fmt, src.shape)
             if FORMATS[fmt].is_float:
-                damage = 0.0
+                d = 0.0
             else:
-                err = _err(m, fmt)
-                if err is None:
+                d = damage.damage(src.name, fmt)
+                if d is None:
                     continue
-                damage = gain * err
-            opts.append(Option(fmt, stored, padded_size(tensor_nbytes(stored, src.shape), alignment), damage))
+            opts.append(Option(fmt, stored, padded_size(tensor_nbytes(stored, src.shape), alignment), d))
         if not opts:
             kept.append(src)  # nothing measured and no float option: leave it as it is
             log.warning("no measured candidate for %s: kept in %s", src.name, src.fmt)
@@ -157,26 +142,26 @@ def allocate(
     *,
     header_bytes: int,
     policy: Policy | None = None,
-    gains: Mapping[str, float] | None = None,
+    damage: DamageModel | None = None,
     alignment: int = DEFAULT_ALIGNMENT,
     analysis_path: str | None = None,
-    damage_model: str = "",
 ) -> QuantPlan:
-    """Choose every tensor's type so the whole GGUF is at most ``budget_bytes`` and damage is least.
+    """Choose every tensor's type so the whole GGUF is at most ``budget_bytes`` and predicted KLD is least.
 
     Args:
         analysis: measurements from ``dq analyze``.
         sources: the unquantized GGUF's tensors (all of them; fixed ones are priced as they are).
         budget_bytes: the whole file's size limit.
-        header_bytes: exact size of the GGUF header (see ``dq.export.gguf_quantize.header_size``).
+        header_bytes: exact size of the GGUF header (see ``dq.quant.layout.header_size``).
         policy: per-role floors (default :class:`Policy`).
-        gains: tensor -> calibrated damage weight (default 1 for all).
+        damage: the damage model (default: the analysis's own, :meth:`DamageModel.from_analysis`).
 
     Raises:
         BudgetError: the budget is below the smallest achievable file; the message states that size.
     """
     policy = policy or Policy()
-    items, kept = build_items(analysis, sources, policy, gains, alignment)
+    damage = damage or DamageModel.from_analysis(analysis)
+    items, kept = build_items(analysis, sources, policy, damage, alignment)
     fixed = header_bytes + sum(padded_size(tensor_nbytes(s.fmt, s.shape), alignment) for s in kept)
     smallest = fixed + sum(min(o.nbytes for o in it.options) for it in items)
     if budget_bytes < smallest:
@@ -188,7 +173,7 @@ def allocate(
     choice = solve(items, budget_bytes - fixed)
     return plan_from_picks(analysis, sources, items, {it.name: it.options[c] for it, c in zip(items, choice)},
                            budget_bytes, header_bytes=header_bytes, policy=policy, alignment=alignment,
-                           analysis_path=analysis_path, damage_model=damage_model)
+                           analysis_path=analysis_path, damage_model=damage.info)
 
 
 def plan_from_picks(
@@ -202,13 +187,13 @@ def plan_from_picks(
     policy: Policy,
     alignment: int = DEFAULT_ALIGNMENT,
     analysis_path: str | None = None,
-    damage_model: str = "",
+    damage_model: Mapping[str, Any] | None = None,
 ) -> QuantPlan:
-    """The :class:`QuantPlan` that takes option ``picks[name]`` for every item (``--refine`` moves, and
+    """The :class:`QuantPlan` that takes option ``picks[name]`` for every item (explicit choices, and
     :func:`allocate`'s solution); tensors that are not items are kept as they are.
 
     Raises:
-        AssertionError: the picks exceed the budget (callers check before).
+        PlanError: the picks exceed the budget (callers check before).
     """
     by_name = {it.name: (it, picks[it.name]) for it in items}
     tensors: dict[str, PlanTensor] = {}
@@ -226,7 +211,8 @@ def plan_from_picks(
             tensors[src.name] = PlanTensor(src.fmt, classify(src.name).value,
                                            padded_size(tensor_nbytes(src.fmt, src.shape), alignment), 0.0, "kept")
     total = header_bytes + sum(t.bytes for t in tensors.values())
-    assert total <= budget_bytes, (total, budget_bytes)
+    if total > budget_bytes:
+        raise PlanError(f"the chosen types take {total:,} bytes, over the budget of {budget_bytes:,}")
     return QuantPlan(
         model=analysis.model,
         fingerprint=tensor_fingerprint((s.name, s.shape) for s in sources),
@@ -236,5 +222,5 @@ def plan_from_picks(
         tensors=tensors,
         policy=policy.to_dict(),
         analysis=analysis_path,
-        damage_model=damage_model,
+        damage_model=dict(damage_model or {}),
     )
