@@ -9,10 +9,11 @@ import pytest
 from gguf import GGUFReader
 
 from dq.cli import main
-from dq.export.gguf_quantize import predict_size, quantize_gguf
+from dq.export.gguf_quantize import quantize_gguf
 from dq.quant.assign import assign_preset, assign_types, read_source_tensors
 from dq.quant.formats import QuantFormat
 from dq.quant.imatrix import read_imatrix, write_imatrix
+from dq.quant.layout import predict_size
 from dq.quant.llama_quantize import PRESETS, llama_quantize
 from tests.imatrix_oracle import torch_imatrix
 
@@ -94,3 +95,31 @@ def test_cli_dry_run_size_equals_written_size(tiny_llama_dir, tmp_path, capsys):
     written = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
     assert {written[f"blk.{i}.attn_v.weight"] for i in range(2)} == {"Q8_0"}
     assert {t["name"]: t["type"] for t in plan2["tensors"]} == written
+
+
+def test_tensor_cache_gives_llama_cpp_bytes_and_skips_requantizing(tiny_bf16_gguf, tiny_imatrix, tmp_path,
+                                                                    monkeypatch):
+    from dq.export.tensor_cache import TensorCache
+    from dq.quant import libggml
+
+    imatrix = read_imatrix(tiny_imatrix)
+    assignment = assign_preset(tiny_bf16_gguf, "IQ2_XXS")
+    cache = TensorCache(tmp_path / "cache")
+    first = quantize_gguf(tiny_bf16_gguf, tmp_path / "a.gguf", assignment, imatrix=imatrix,
+                          preset_ftype=PRESETS["IQ2_XXS"], tensor_cache=cache)
+    llama_quantize(tiny_bf16_gguf, tmp_path / "ref.gguf", "IQ2_XXS", imatrix=imatrix.flat_weights())
+    assert _tensors(first.path) == _tensors(tmp_path / "ref.gguf")
+
+    def no_quantizing(*a, **k):
+        raise AssertionError("a cached tensor was quantized again")
+
+    monkeypatch.setattr(libggml, "quantize", no_quantizing)
+    again = quantize_gguf(tiny_bf16_gguf, tmp_path / "b.gguf", assignment, imatrix=imatrix,
+                          preset_ftype=PRESETS["IQ2_XXS"], tensor_cache=TensorCache(tmp_path / "cache"))
+    assert again.path.read_bytes() == first.path.read_bytes()
+    # another imatrix is another key: those tensors are quantized afresh
+    other = read_imatrix(tiny_imatrix)
+    for e in other.entries.values():
+        e.sums[...] = e.sums * 2.0 + 1.0
+    with pytest.raises(AssertionError, match="quantized again"):
+        quantize_gguf(tiny_bf16_gguf, tmp_path / "c.gguf", assignment, imatrix=other, tensor_cache=cache)
