@@ -1,12 +1,14 @@
-"""Quality vs size: llama.cpp's stock mixes against dq auto plans at the same byte budget.
+"""Quality vs size: llama.cpp's stock mixes and hand recipes against dq plans at the same byte budgets.
 
-For each model: one `dq analyze` (its imatrix is used by every file, stock and dq alike); for each stock
-preset, llama.cpp's own `llama_model_quantize` writes the stock file; dq plans at a budget equal to that
-file's size and writes its file; both are compared with the BF16 GGUF (the base) on held-out Wikipedia
-text (disjoint from the calibration text): mean KLD, same-top-token rate, perplexity ratio.
+For each model: one `dq analyze` (its imatrix is used by every file: stock, recipe and dq alike); for each
+stock preset llama.cpp's own ``llama_model_quantize`` writes the stock file, and each hand recipe of
+``shared/models.md`` runs through the same call with its ``--tensor-type`` rules (the model's recipes are in
+:data:`RECIPES`); dq plans at a budget equal to each of those files' sizes and writes its file. All are
+compared with the BF16 GGUF (the base) on held-out Wikipedia (disjoint from the calibration text) by
+llama.cpp: mean KLD, p99.9 KLD, same-top-token rate, perplexity ratio.
 
-    python bench/quality_vs_size.py --models smollm2-135m gemma3-270m --chunks 16
-Prints a table, writes bench/results/quality_vs_size.json and a PNG plot.
+    python bench/quality_vs_size.py --models qwen2.5-coder-1.5b --chunks 16
+Prints a table and writes ``bench/results/quality_vs_size_<model>.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -17,66 +19,129 @@ import logging
 import time
 from pathlib import Path
 
-PRESETS = ["Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_XXS", "IQ1_S"]
+PRESETS = ["Q4_K_M", "Q3_K_M", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S"]
+# Targets of the planner issue: dq <= 0.5x the stock mix's mean KLD from IQ1_S to Q3_K_M, <= 0.8x a hand
+# recipe at its size, same-top-token >= 55% at the IQ1_S size.
+STOCK_TARGET = {"Q3_K_M": 0.5, "Q2_K": 0.5, "IQ2_XXS": 0.5, "IQ1_M": 0.5, "IQ1_S": 0.5}
+RECIPE_TARGET = 0.8
+
+# shared/models.md: llama-quantize --tensor-type rules (first match wins) and the base ftype.
+_DYN_A = [("^output\\.weight", "Q4_K"), ("^token_embd\\.weight", "Q2_K"), ("attn_v", "Q6_K"), ("attn_k", "Q4_K"),
+          ("attn_q", "IQ2_XXS"), ("attn_output", "IQ3_XXS"), ("blk\\.(0|1|2)\\.ffn_down", "Q4_K"),
+          ("blk\\.(25|26|27)\\.ffn_down", "IQ3_XXS"), ("ffn_down", "IQ2_XXS"), ("ffn_(gate|up)", "IQ2_XXS")]
+_DYN_E = [("^output\\.weight", "Q3_K"), ("^token_embd\\.weight", "Q2_K"), ("attn_v", "Q6_K"), ("attn_k", "Q4_K"),
+          ("attn_q", "IQ3_XXS"), ("attn_output", "IQ3_XXS"), ("blk\\.(0|1|2)\\.ffn_down", "Q4_K"),
+          ("blk\\.(25|26|27)\\.ffn_down", "IQ3_XXS"), ("ffn_down", "IQ2_S"), ("ffn_(gate|up)", "IQ2_XXS")]
+_DYN_C = [("^output\\.weight", "Q5_K"), ("^token_embd\\.weight", "Q2_K"), ("attn_v", "Q6_K"), ("attn_k", "Q4_K"),
+          ("attn_q", "IQ3_XXS"), ("attn_output", "IQ3_XXS"), ("blk\\.(0|1|2)\\.ffn_down", "Q4_K"),
+          ("ffn_down", "IQ3_XXS"), ("ffn_(gate|up)", "IQ3_XXS")]
+_DYN_D = [("^output\\.weight", "Q4_K"), ("^token_embd\\.weight", "Q2_K"), ("attn_v", "Q6_K"), ("attn_k", "Q4_K"),
+          ("attn_q", "IQ2_XXS"), ("attn_output", "IQ3_XXS"), ("blk\\.(0|1|2)\\.ffn_down", "Q4_K"),
+          ("blk\\.(25|26|27)\\.ffn_down", "IQ3_XXS"), ("ffn_down", "IQ1_M"), ("ffn_(gate|up)", "IQ1_M")]
+RECIPES: dict[str, dict[str, tuple[str, list[tuple[str, str]]]]] = {
+    "qwen2.5-coder-1.5b": {"dynA": ("IQ2_XXS", _DYN_A), "dynE": ("IQ2_XXS", _DYN_E), "dynC": ("Q2_K", _DYN_C),
+                           "dynD": ("IQ1_M", _DYN_D)},
+}
 
 
-def run_model(name: str, out: Path, presets: list[str], chunks: int, ctx: int, analyze_tokens: int,
-              refine: tuple[str, ...] = ()) -> list[dict]:
-    from dq.analysis.analyze import AnalyzeOptions, analyze
-    from dq.evals.kld import KLDConfig, run_kld
+def _kld_row(model: str, label: str, kind: str, budget: str, path: Path, base: Path, cfg, n_weights: int,
+             plan=None, plan_s=None) -> dict:
+    from dq.evals.kld import run_kld
+
+    r = run_kld(path, base, cfg)
+    size = path.stat().st_size
+    row = {"model": model, "file": label, "kind": kind, "budget": budget, "bytes": size,
+           "bpw": 8 * size / n_weights, "kld_mean": r.kld_mean, "kld_mean_stderr": r.kld_mean_stderr,
+           "kld_p99": r.kld_p99, "kld_p999": r.kld_p999, "same_top": r.same_top, "same_top_stderr": r.same_top_stderr,
+           "ppl_ratio": r.ppl_ratio, "predicted_kld": plan.predicted_damage if plan else None, "plan_seconds": plan_s}
+    logging.info("%s %-20s %13s bytes  KLD %.4f  p99.9 %.3f  same-top %.3f  ppl x%.3f", model, label, f"{size:,}",
+                 r.kld_mean, r.kld_p999, r.same_top, r.ppl_ratio)
+    return row
+
+
+def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chunks: int, ctx: int) -> list[dict]:
+    import math
+
+    from dq.analysis.analyze import analyze
+    from dq.evals.kld import KLDConfig
     from dq.export.gguf_quantize import quantize_gguf
+    from dq.export.tensor_cache import TensorCache
     from dq.plan.planner import load_plan_inputs, make_plan
     from dq.quant.assign import assign_types, read_source_tensors
     from dq.quant.llama_quantize import llama_quantize
 
-    adir = out / "analysis" / name
+    adir = work / "analysis" / name
     t0 = time.time()
     if not (adir / "analysis.json").is_file():
-        analyze(name, adir, AnalyzeOptions(n_tokens=analyze_tokens), resume=True)
+        analyze(name, adir, resume=True)
     inputs = load_plan_inputs(adir)
     logging.info("%s: analysis ready (%.0f s)", name, time.time() - t0)
     cfg = KLDConfig(ctx=ctx, chunks=chunks)
     base = inputs.source_gguf
-    rows = []
+    sources = read_source_tensors(base)
+    n_weights = sum(math.prod(s.shape) for s in sources)
+    cache = TensorCache(work / "tensor-cache" / name)
+    gdir = work / "gguf"
+    gdir.mkdir(parents=True, exist_ok=True)
+    weights = inputs.imatrix.flat_weights()
+    refs: list[tuple[str, str, str, Path]] = []  # (label, kind, budget name, path)
     for preset in presets:
-        stock = out / "gguf" / f"{name}-{preset}.gguf"
-        stock.parent.mkdir(parents=True, exist_ok=True)
-        if not stock.is_file():
-            llama_quantize(base, stock, preset, imatrix=inputs.imatrix.flat_weights())
-        size = stock.stat().st_size
-        files = [("stock " + preset, stock, None, None)]
-        for refined in (False, True) if preset in refine else (False,):
-            t1 = time.time()
-            plan = make_plan(inputs, size, refine=refined)
-            plan_s = time.time() - t1
-            ours = out / "gguf" / f"{name}-dq{'-refine' if refined else ''}-at-{preset}.gguf"
-            a = assign_types(read_source_tensors(base), explicit=plan.explicit_types())
-            quantize_gguf(base, ours, a, imatrix=inputs.imatrix, imatrix_name=inputs.imatrix_path.name)
-            plan.save(ours.with_suffix(".plan.yaml"))
-            files.append((("dq+refine @ " if refined else "dq @ ") + preset, ours, plan, plan_s))
-        for label, path, plan, plan_s in files:
-            r = run_kld(path, base, cfg)
-            rows.append({
-                "model": name, "file": label, "preset": preset, "bytes": path.stat().st_size,
-                "kld_mean": r.kld_mean, "kld_p99": r.kld_p99, "same_top": r.same_top, "ppl_ratio": r.ppl_ratio,
-                "predicted_damage": plan.predicted_damage if plan else None,
-                "plan_seconds": plan_s,
-            })
-            logging.info("%s %-16s %12s bytes  KLD %.4f  same-top %.3f  ppl x%.3f", name, label,
-                         f"{rows[-1]['bytes']:,}", r.kld_mean, r.same_top, r.ppl_ratio)
+        path = gdir / f"{name}-{preset}.gguf"
+        if not path.is_file():
+            llama_quantize(base, path, preset, imatrix=weights)
+        refs.append((f"stock {preset}", "stock", preset, path))
+    for rname in recipes:
+        ftype, rules = RECIPES[name][rname]
+        path = gdir / f"{name}-{rname}.gguf"
+        if not path.is_file():
+            llama_quantize(base, path, ftype, imatrix=weights, overrides=rules)
+        refs.append((f"recipe {rname}", "recipe", rname, path))
+    rows = []
+    for label, kind, budget, path in refs:
+        rows.append(_kld_row(name, label, kind, budget, path, base, cfg, n_weights))
+        t1 = time.time()
+        plan = make_plan(inputs, path.stat().st_size)
+        plan_s = time.time() - t1
+        ours = gdir / f"{name}-dq-at-{budget}.gguf"
+        quantize_gguf(base, ours, assign_types(sources, explicit=plan.explicit_types()), imatrix=inputs.imatrix,
+                      imatrix_name=inputs.imatrix_path.name, tensor_cache=cache)
+        plan.save(ours.with_suffix(".plan.yaml"))
+        rows.append(_kld_row(name, f"dq @ {budget}", "dq", budget, ours, base, cfg, n_weights, plan, plan_s))
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'model':<14} {'file':<20} {'bytes':>13} {'mean KLD':>9} {'p99 KLD':>8} {'same top':>9} {'PPL ratio':>9} {'dq/stock KLD':>12}")
-    stock = {(r["model"], r["preset"]): r for r in rows if r["file"].startswith("stock")}
+def verdicts(rows: list[dict]) -> list[dict]:
+    """dq's ratio to the file of the same budget, and whether the issue's target is met."""
+    out = []
     for r in rows:
-        ratio = ""
-        if r["file"].startswith("dq"):
-            s = stock[(r["model"], r["preset"])]
-            ratio = f"{r['kld_mean'] / s['kld_mean']:.2f}" + (" ok" if r["kld_mean"] <= 0.75 * s["kld_mean"] and r["bytes"] <= s["bytes"] else " MISS")
-        print(f"{r['model']:<14} {r['file']:<20} {r['bytes']:>13,} {r['kld_mean']:>9.4f} {r['kld_p99']:>8.3f} "
-              f"{100 * r['same_top']:>8.1f}% {r['ppl_ratio']:>9.3f} {ratio:>12}")
+        if r["kind"] != "dq":
+            continue
+        ref = next(x for x in rows if x["model"] == r["model"] and x["budget"] == r["budget"] and x["kind"] != "dq")
+        ratio = r["kld_mean"] / ref["kld_mean"]
+        target = STOCK_TARGET.get(r["budget"]) if ref["kind"] == "stock" else RECIPE_TARGET
+        ok = None if target is None else (ratio <= target and r["bytes"] <= ref["bytes"])
+        extra = ""
+        if r["budget"] == "IQ1_S":
+            extra = f"same-top {r['same_top']:.1%} (target >= 55%)"
+        out.append({"model": r["model"], "budget": r["budget"], "vs": ref["file"], "kld_ratio": ratio,
+                    "target": target, "met": ok, "note": extra})
+    return out
+
+
+def table(rows: list[dict], ver: list[dict]) -> str:
+    lines = ["| model | file | bytes | bits/weight | mean KLD (± s.e.) | p99.9 KLD | same top | PPL ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['file']} | {r['bytes']:,} | {r['bpw']:.3f} | {r['kld_mean']:.4f} ± "
+                     f"{r['kld_mean_stderr']:.4f} | {r['kld_p999']:.3f} | {100 * r['same_top']:.1f}% | "
+                     f"{r['ppl_ratio']:.3f} |")
+    lines += ["", "| model | budget | dq KLD / reference KLD | reference | target | met |", "|---|---|---|---|---|---|"]
+    for v in ver:
+        t = "-" if v["target"] is None else f"<= {v['target']}x"
+        met = "-" if v["met"] is None else ("yes" if v["met"] else "**MISSED**")
+        lines.append(f"| {v['model']} | {v['budget']} | {v['kld_ratio']:.2f}x | {v['vs']} | {t} | {met} "
+                     f"{v['note']} |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -86,20 +151,21 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 3, figsize=(16, 4.6 * len(models)), squeeze=False)
     for i, m in enumerate(models):
         for j, (key, label) in enumerate((("kld_mean", "mean KLD"), ("same_top", "same top token"),
                                           ("ppl_ratio", "PPL ratio"))):
             ax = axes[i][j]
-            for kind, marker in (("stock", "o"), ("dq @", "s"), ("dq+refine", "^")):
-                pts = sorted((r["bytes"] / 1e6, r[key], r["preset"]) for r in rows
-                             if r["model"] == m and r["file"].startswith(kind))
+            for kind, marker, ls in (("stock", "o", "-"), ("recipe", "D", ""), ("dq", "s", "-")):
+                pts = sorted((r["bytes"] / 1e6, r[key], r["budget"]) for r in rows
+                             if r["model"] == m and r["kind"] == kind)
                 if not pts:
                     continue
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=kind)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=ls or "none",
+                        label={"stock": "llama.cpp stock mix", "recipe": "hand recipe", "dq": "dq plan"}[kind])
                 for x, y, p in pts:
-                    ax.annotate(p, (x, y), fontsize=7)
-            if key == "kld_mean":
+                    ax.annotate(p, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if key in ("kld_mean", "ppl_ratio"):
                 ax.set_yscale("log")
             ax.set_xlabel("file size (MB)")
             ax.set_title(f"{m}: {label}")
@@ -109,24 +175,32 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    from dq.cache import cache_dir
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
     ap.add_argument("--presets", nargs="+", default=PRESETS)
+    ap.add_argument("--recipes", nargs="*", default=None, help="hand recipes to run (default: all of the model's)")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--analyze-tokens", type=int, default=8192)
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    ap.add_argument("--refine", nargs="*", default=[], metavar="PRESET",
-                    help="also plan these budgets with --refine (measured-KLD correction) and add a row")
+    ap.add_argument("--work", type=Path, default=None, help="analyses, GGUFs, tensor cache (default $DQ_CACHE/bench)")
+    ap.add_argument("--results", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    work = args.work or cache_dir() / "bench"
+    args.results.mkdir(parents=True, exist_ok=True)
     for m in args.models:
-        rows += run_model(m, args.out, args.presets, args.chunks, args.ctx, args.analyze_tokens, tuple(args.refine))
-        (args.out / "quality_vs_size.json").write_text(json.dumps(rows, indent=1))
-    print_table(rows)
-    plot(rows, args.out / "quality_vs_size.png")
+        recipes = list(RECIPES.get(m, {})) if args.recipes is None else args.recipes
+        rows = run_model(m, work, args.presets, recipes, args.chunks, args.ctx)
+        ver = verdicts(rows)
+        text = table(rows, ver)
+        print(text)
+        stem = args.results / f"quality_vs_size_{m}"
+        stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "verdicts": ver}, indent=1))
+        cmd = (f"python bench/quality_vs_size.py --models {m} --chunks {args.chunks}"
+               + (f" --presets {' '.join(args.presets)}" if args.presets != PRESETS else ""))
+        stem.with_suffix(".md").write_text(f"# Quality vs size: {m}\n\n`{cmd}`\n\n{text}\n")
+        plot(rows, stem.with_suffix(".png"))
 
 
 if __name__ == "__main__":
