@@ -15,10 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
+from dq.atomic import check_writable
 from dq.convert.source import source_gguf
 from dq.errors import BudgetError
 from dq.export.gguf_quantize import quantize_gguf
-from dq.io.atomic import check_writable
 from dq.models import resolve_model
 from dq.quant.assign import TypeAssignment, assign_preset, parse_tensor_type
 from dq.quant.imatrix import read_imatrix
@@ -99,15 +99,14 @@ def _report_fallbacks(assignment: TypeAssignment) -> None:
 def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
     """Analyse (or reuse an analysis), plan under the budget, save the plan beside the output."""
     from dq.analysis.analyze import analyze
-    from dq.cache import cache_dir
+    from dq.cache import cache_dir, files_key
     from dq.cli.plan import build_plan, print_summary
-    from dq.convert.source import _fingerprint
 
     if args.target_size is None and args.target_bpw is None:
         raise BudgetError("--plan auto needs a budget: --target-size (e.g. 80MB) or --target-bpw (e.g. 2.5)")
     adir = args.analysis
     if adir is None:
-        adir = cache_dir() / "analysis" / f"{model.name}-{_fingerprint(model)}"
+        adir = cache_dir() / "analysis" / f"{model.name}-{files_key(model)}"
         if not (adir / "analysis.json").is_file():
             log.info("analysing %s into %s (reused next time)", model, adir)
             analyze(model, adir, resume=True)
@@ -120,7 +119,7 @@ def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
     return plan_path if not args.dry_run else plan
 
 
-def _plan_assignment(args, model: Path, output: Path, src: Path):
+def _plan_assignment(args, model: Path, output: Path, src: Path, overrides):
     from dq.analysis.artifact import imatrix_beside
     from dq.plan.artifact import QuantPlan
     from dq.quant.assign import assign_types, read_source_tensors
@@ -130,7 +129,7 @@ def _plan_assignment(args, model: Path, output: Path, src: Path):
     sources = read_source_tensors(src)
     plan.check_model((s.name, s.shape) for s in sources)
     imatrix_path = args.imatrix or imatrix_beside(plan.analysis)
-    return assign_types(sources, explicit=plan.explicit_types()), imatrix_path
+    return assign_types(sources, explicit=plan.explicit_types(), overrides=overrides), imatrix_path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     src = source_gguf(model)
     imatrix_path = args.imatrix
     if args.plan:
-        assignment, imatrix_path = _plan_assignment(args, model, output, src)
+        assignment, imatrix_path = _plan_assignment(args, model, output, src, overrides)
         preset_ftype = None
     else:
         assignment = assign_preset(src, preset, overrides)

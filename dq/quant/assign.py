@@ -130,7 +130,7 @@ def assign_types(
         preset_types: llama.cpp's per-tensor choice for ``preset`` (see ``dq.quant.llama_quantize``).
         preset_requested: for tensors where llama.cpp fell back, the type the preset wanted.
         preset: the preset's name, for the ``origin`` field.
-        overrides: ``(regex, type)`` pairs; first match wins.
+        overrides: ``(regex, type)`` pairs; first match wins; applied on top of the preset or the plan.
         explicit: name -> type for every tensor to change (a plan); names must exist.
 
     Returns:
@@ -151,12 +151,15 @@ def assign_types(
         base = (preset_types or {}).get(src.name, src.fmt)
         requested = (preset_requested or {}).get(src.name, base)
         origin = f"preset {preset}" if preset and base is not src.fmt else "kept"
-        if explicit is not None and src.name in explicit:
+        in_plan = explicit is not None and src.name in explicit
+        if in_plan:
             requested, origin = explicit[src.name], "plan"
-        elif _quantizable(src, base):
+        if (len(src.shape) >= 2) if in_plan else _quantizable(src, base):
+            # on top of the preset's or the plan's decision, as llama-quantize applies them on top of a preset
             for rx, pattern, fmt in compiled:
                 if rx.search(src.name):
-                    requested, origin = fmt, f"--tensor-type {pattern}={fmt}"
+                    requested = fmt
+                    origin = f"{'plan, then ' if in_plan else ''}--tensor-type {pattern}={fmt}"
                     used.add(pattern)
                     break
         stored = effective_format(requested, src.shape) if not FORMATS[requested].is_float else requested

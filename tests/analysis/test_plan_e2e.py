@@ -83,3 +83,16 @@ def test_plan_auto_needs_a_budget(tiny_analysis_dir, tiny_llama_dir, tmp_path, c
     assert main(["quantize", str(tiny_llama_dir), "--plan", "auto", "--analysis", str(tiny_analysis_dir),
                  "-o", str(tmp_path / "a.gguf")]) == 2
     assert "needs a budget" in capsys.readouterr().err
+
+
+def test_tensor_type_overrides_apply_on_top_of_a_plan(tiny_analysis_dir, tiny_llama_dir, tmp_path, caplog):
+    plan_path = tmp_path / "plan.yaml"
+    assert main(["plan", str(tiny_analysis_dir), "--target-bpw", "4", "-o", str(plan_path)]) == 0
+    plan = QuantPlan.load(plan_path)
+    gguf = tmp_path / "m.gguf"
+    assert main(["quantize", str(tiny_llama_dir), "--plan", str(plan_path), "--tensor-type", "attn_v=Q8_0",
+                 "--tensor-type", "nothing_matches=Q2_K", "-o", str(gguf)]) == 0
+    assert "'nothing_matches' matched no tensor" in caplog.text
+    written = {t.name: t.tensor_type.name for t in GGUFReader(gguf).tensors}
+    for name, t in plan.tensors.items():
+        assert written[name] == ("Q8_0" if ".attn_v." in name else t.type.value), name
