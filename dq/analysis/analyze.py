@@ -193,7 +193,7 @@ def _prepare_out(out_dir: Path, ck: Checkpoints, state: dict, resume: bool) -> N
     if resume:
         log.info("nothing to resume in %s; starting afresh", out_dir)
     ck.clear()
-    from dq.io.atomic import atomic_path
+    from dq.atomic import atomic_path
 
     with atomic_path(state_path) as tmp:
         tmp.write_text(json.dumps(state, indent=1))

@@ -174,7 +174,7 @@ class Analysis:
         )
 
     def save(self, path: str | Path) -> Path:
-        from dq.io.atomic import atomic_path
+        from dq.atomic import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:

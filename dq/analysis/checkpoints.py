@@ -1,6 +1,6 @@
 """What ``dq analyze`` keeps under ``OUT/blocks/`` so an interrupted run resumes where it stopped.
 
-Every file is written to a temporary name and renamed (:func:`dq.io.atomic.atomic_path`), so a file
+Every file is written to a temporary name and renamed (:func:`dq.atomic.atomic_path`), so a file
 that exists is complete. The sweeps leave:
 
 - forward sweep, per block ``i``: ``fwd_i.npz`` (imatrix sums and counts, max |hidden|) and ``fwd_i.json``
@@ -23,7 +23,7 @@ import torch
 
 from dq.analysis.artifact import TensorMeasurement
 from dq.analysis.superweights import Spike
-from dq.io.atomic import atomic_path
+from dq.atomic import atomic_path
 from dq.quant.imatrix import ImatrixEntry
 
 __all__ = ["Found", "Checkpoints", "BLOCKS"]

@@ -27,7 +27,7 @@ def write_report(analysis: Analysis, out_dir: str | Path, *, plots: bool = True)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    from dq.io.atomic import atomic_path
+    from dq.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:

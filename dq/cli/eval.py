@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = parse_tasks(args.tasks)
     if args.output is not None:
-        from dq.io.atomic import check_writable
+        from dq.atomic import check_writable
 
         check_writable(args.output)
     kcfg = KLDConfig(ctx=args.ctx, chunks=args.chunks, topk=args.topk, tail_samples=args.tail_samples,

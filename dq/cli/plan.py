@@ -80,7 +80,7 @@ def print_summary(plan: QuantPlan, file=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dq.io.atomic import check_writable
+    from dq.atomic import check_writable
 
     check_writable(args.output)
     _, plan = build_plan(args.analysis, args)

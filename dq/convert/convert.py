@@ -18,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dq.atomic import atomic_path
 from dq.convert.llama_cpp import LLAMA_CPP_PYTHON_VERSION, converter_dir
 from dq.errors import ModelNotFoundError, NotAModelError, UnsupportedArchitectureError
-from dq.io.atomic import atomic_path
 
 __all__ = ["convert_hf_to_gguf", "read_hf_config", "OUTTYPES"]
 

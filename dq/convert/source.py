@@ -8,26 +8,16 @@ and the size and mtime of its config and weight files, so an edited model is con
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
-from dq.cache import cache_dir
+from dq.cache import cache_dir, files_key
 from dq.convert.convert import convert_hf_to_gguf, read_hf_config
 from dq.errors import CorruptFileError, ModelNotFoundError, NotAModelError
 
 __all__ = ["source_gguf", "check_gguf"]
 
 log = logging.getLogger(__name__)
-
-
-def _fingerprint(model_dir: Path) -> str:
-    h = hashlib.sha256(str(model_dir.resolve()).encode())
-    for f in sorted(model_dir.iterdir()):
-        if f.suffix in {".json", ".safetensors", ".bin", ".model"}:
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def check_gguf(path: Path) -> Path:
@@ -53,7 +43,7 @@ def source_gguf(model: Path, *, cache: Path | None = None) -> Path:
     if model.is_file():
         return check_gguf(model)
     read_hf_config(model)  # raises NotAModelError with the fix
-    out = (cache or cache_dir()) / "gguf" / f"{model.name}-{_fingerprint(model)}" / "model-bf16.gguf"
+    out = (cache or cache_dir()) / "gguf" / f"{model.name}-{files_key(model)}" / "model-bf16.gguf"
     if out.is_file():
         log.info("reusing converted %s", out)
         return out

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dq.cache import files_key
 from dq.errors import CorruptFileError, DataPackageMissingError, ModelNotFoundError, NotAModelError
 
 __all__ = [
@@ -65,16 +65,6 @@ class ModelRef:
         return {"path": str(self.path), "kind": self.kind.value, "fingerprint": self.fingerprint}
 
 
-def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256(str(path.resolve()).encode())
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    for f in files:
-        if f.is_file() and (path.is_file() or f.suffix in {".json", ".safetensors", ".bin", ".model", ".gguf"}):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def resolve_model_ref(model: str | Path) -> ModelRef:
     """Classify a CLI model argument: a ``.gguf`` file, a HF directory, or a packaged model name.
 
@@ -94,13 +84,13 @@ def resolve_model_ref(model: str | Path) -> ModelRef:
             raise NotAModelError(
                 f"{path} is not a GGUF file (magic {magic!r}); pass a .gguf file or a Hugging Face model directory"
             )
-        return ModelRef(path, ModelKind.GGUF, _fingerprint(path))
+        return ModelRef(path, ModelKind.GGUF, files_key(path))
     if not (path / "config.json").is_file():
         raise NotAModelError(
             f"{path} is a directory without config.json; pass a Hugging Face model directory "
             f"(config.json + *.safetensors + tokenizer) or a .gguf file"
         )
-    return ModelRef(path, ModelKind.HF, _fingerprint(path))
+    return ModelRef(path, ModelKind.HF, files_key(path))
 
 
 class LogitsModel:

@@ -325,7 +325,8 @@ def quantize_safetensors_bnb(
         else:
             tensors[key] = value.detach().contiguous()
     missing = sorted(set(quantized) - {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight")})
-    assert not missing, f"quantized modules absent from the state dict: {missing[:3]}"
+    if missing:
+        raise RuntimeError(f"quantized modules absent from the model's state dict: {missing[:3]} (a bug in dq)")
 
     n_params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
     if dry_run:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dq.io.atomic import atomic_path
+from dq.atomic import atomic_path
 from dq.quant.formats import QuantFormat
 
 __all__ = ["TensorCache"]

@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dq.atomic import atomic_path
 from dq.hub.artifacts import FileRole, QuantArtifacts, QuantFile, collect_quant
 from dq.hub.card import CARD_MARKER, render_card
 from dq.hub.errors import HubAuthError, HubOfflineError, HubUploadError, InvalidRepoIdError
-from dq.io.atomic import atomic_path
 
 __all__ = ["LARGE_FILE_BYTES", "UploadOp", "UploadPlan", "validate_repo_id", "resolve_token", "plan_upload",
            "upload"]

@@ -26,12 +26,12 @@ import numpy as np
 from dq.analysis.artifact import Analysis
 from dq.analysis.roles import TensorRole, classify, layer_index
 from dq.errors import BudgetError, PlanError
-from dq.io.gguf_writer import DEFAULT_ALIGNMENT, padded_size
 from dq.plan.artifact import PlanTensor, QuantPlan, tensor_fingerprint
 from dq.plan.damage import DamageModel
 from dq.plan.policy import Policy
 from dq.quant.assign import SourceTensor
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, tensor_nbytes
+from dq.quant.gguf_writer import DEFAULT_ALIGNMENT, padded_size
 
 __all__ = ["Option", "Item", "build_items", "solve", "allocate", "plan_from_picks"]
 

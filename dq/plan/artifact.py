@@ -138,7 +138,7 @@ class QuantPlan:
     def save(self, path: str | Path) -> Path:
         import yaml
 
-        from dq.io.atomic import atomic_path
+        from dq.atomic import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:

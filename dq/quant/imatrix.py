@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from dq.errors import CorruptFileError, ModelNotFoundError
-from dq.io.gguf_keys import GENERAL_TYPE, IMATRIX_CHUNK_COUNT, IMATRIX_CHUNK_SIZE, IMATRIX_DATASETS
 from dq.quant.formats import QuantFormat
+from dq.quant.gguf_keys import GENERAL_TYPE, IMATRIX_CHUNK_COUNT, IMATRIX_CHUNK_SIZE, IMATRIX_DATASETS
 
 __all__ = ["ImatrixEntry", "Imatrix", "read_imatrix", "write_imatrix"]
 
@@ -65,7 +65,7 @@ class Imatrix:
 
 def write_imatrix(path: str | Path, imatrix: Imatrix) -> Path:
     """Write ``imatrix`` atomically in llama.cpp's GGUF imatrix format (tensors in sorted name order)."""
-    from dq.io.gguf_writer import GGUFFileWriter
+    from dq.quant.gguf_writer import GGUFFileWriter
 
     w = GGUFFileWriter()
     w.add_string(GENERAL_TYPE, "imatrix")

@@ -15,10 +15,10 @@ import numpy as np
 
 import dq
 from dq.errors import PlanError
-from dq.io import gguf_keys as K
-from dq.io.gguf_writer import DEFAULT_ALIGNMENT, GGUFFileWriter
+from dq.quant import gguf_keys as K
 from dq.quant.assign import TypeAssignment
 from dq.quant.formats import QuantFormat
+from dq.quant.gguf_writer import DEFAULT_ALIGNMENT, GGUFFileWriter
 from dq.quant.imatrix import Imatrix
 
 __all__ = ["file_type_for", "build_writer", "open_source", "predict_size", "header_size"]

@@ -179,7 +179,9 @@ def quantize(
     else:
         with ThreadPoolExecutor(max_workers=n_threads or _default_threads()) as pool:
             written = list(pool.map(run, chunks))
-    assert sum(written) == out.nbytes, (sum(written), out.nbytes)
+    if sum(written) != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {sum(written):,} bytes of {fmt}, expected {out.nbytes:,}: "
+                           f"is the installed llama-cpp-python the pinned 0.3.36?")
     return out.tobytes()
 
 

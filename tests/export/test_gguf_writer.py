@@ -10,9 +10,9 @@ import pytest
 from gguf import GGUFReader
 
 from dq.errors import OutputNotWritableError
-from dq.io.gguf_writer import GGUFFileWriter
 from dq.quant import libggml
 from dq.quant.formats import QuantFormat
+from dq.quant.gguf_writer import GGUFFileWriter
 
 
 def _writer() -> tuple[GGUFFileWriter, bytes]:

@@ -10,8 +10,10 @@ import json
 
 import pytest
 
-pytest.importorskip("bitsandbytes")
-torch = pytest.importorskip("torch")
+from tests._require import require
+
+require("bitsandbytes")
+torch = require("torch")
 
 from dq.analysis.artifact import Analysis, SuperWeight, TensorMeasurement, TypeError_  # noqa: E402
 from dq.analysis.roles import TensorRole  # noqa: E402

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("bitsandbytes")
-pytest.importorskip("peft")
-torch = pytest.importorskip("torch")
+from tests._require import require
+
+require("bitsandbytes")
+require("peft")
+torch = require("torch")
 
 pytestmark = pytest.mark.slow
 

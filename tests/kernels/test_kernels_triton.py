@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests._require import require
+
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
-triton = pytest.importorskip("triton")
+triton = require("triton")
 
 from dq.kernels import act_stats, dequantize, quant_error  # noqa: E402
 from dq.kernels.api import TRITON_DEQUANT_FORMATS  # noqa: E402

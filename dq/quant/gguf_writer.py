@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType
 
-from dq.io.atomic import atomic_path
+from dq.atomic import atomic_path
 from dq.quant.formats import FORMATS, QuantFormat, tensor_nbytes
 
 __all__ = ["GGUFFileWriter", "TensorInfo", "GGUF_MAGIC", "GGUF_VERSION", "DEFAULT_ALIGNMENT", "padded_size"]
