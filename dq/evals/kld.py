@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,10 +52,16 @@ __all__ = [
     "check_tokenizers",
     "BaseCache",
     "base_pass",
+    "compress_base",
+    "chunk_kld",
+    "percentile",
     "quant_pass",
     "ppl_pass",
     "run_kld",
 ]
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +258,7 @@ class BaseCache:
             yield self.chunk(i)
 
 
-def _compress_base(lp, targets, k: int, m: int) -> dict[str, np.ndarray]:
+def compress_base(lp, targets, k: int, m: int) -> dict[str, np.ndarray]:
     """One chunk of base log-probs ``[n, vocab]`` -> the cached form (see the module docstring)."""
     import torch
 
@@ -305,7 +312,7 @@ def base_pass(base: LogitsModel, ids: np.ndarray, cfg: KLDConfig, *, cache_root:
         for c in range(cfg.chunks):
             lp = torch.from_numpy(_log_softmax(base.logits(ids[c].tolist(), keep_last=cfg.ctx - cfg.first)[:-1]))
             targets = torch.from_numpy(ids[c, cfg.first + 1:].astype(np.int64))
-            np.savez(tmp / f"chunk-{c:05d}.npz", **_compress_base(lp, targets, k, cfg.tail_samples))
+            np.savez(tmp / f"chunk-{c:05d}.npz", **compress_base(lp, targets, k, cfg.tail_samples))
             if progress:
                 progress("base", c + 1, cfg.chunks)
         meta = {"version": CACHE_VERSION, "base": base.ref.to_dict(), "chunks": cfg.chunks, "ctx": cfg.ctx,
@@ -321,8 +328,28 @@ def base_pass(base: LogitsModel, ids: np.ndarray, cfg: KLDConfig, *, cache_root:
     return BaseCache(target)
 
 
-def _percentile(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, 100.0 * q)) if values.size else float("nan")
+def percentile(values: np.ndarray, q: float) -> float:
+    """llama-perplexity's ``percentile``: linear interpolation at ``q * (n - 1)`` of the sorted values."""
+    if not values.size:
+        return float("nan")
+    v = np.sort(values)
+    pos = q * (v.size - 1)
+    lo = int(pos)
+    frac = pos - lo
+    return float((1 - frac) * v[lo] + frac * v[min(lo + 1, v.size - 1)])
+
+
+def chunk_kld(base: dict[str, np.ndarray], lq) -> torch.Tensor:
+    """Per-token KL(base || quant) of one chunk from its cached base (:func:`compress_base`) and the quant's
+    log-probabilities ``lq [n, vocab]``: exact over the base's top-k, the tail by stratified quadrature."""
+    import torch
+
+    top_lp = torch.from_numpy(base["top_lp"]).double()
+    lq = lq.double()
+    kl = (top_lp.exp() * (top_lp - lq.gather(-1, torch.from_numpy(base["top_idx"]).long()))).sum(-1)
+    # tail: sum p log p (stored) - P * E_tail[log q] (stratified quadrature over the stored ids)
+    tail_lq = lq.gather(-1, torch.from_numpy(base["tail_idx"]).long()).mean(-1)
+    return kl + torch.from_numpy(base["tail_plogp"]) - torch.from_numpy(base["tail_p"]) * tail_lq
 
 
 def quant_pass(quant: LogitsModel, ids: np.ndarray, cache: BaseCache, cfg: KLDConfig,
@@ -339,15 +366,9 @@ def quant_pass(quant: LogitsModel, ids: np.ndarray, cache: BaseCache, cfg: KLDCo
     for c, base in enumerate(cache):
         lq = torch.from_numpy(_log_softmax(quant.logits(ids[c].tolist(), keep_last=cfg.ctx - cfg.first)[:-1]))
         lq = lq.double()
-        top_lp = torch.from_numpy(base["top_lp"]).double()
         top_idx = torch.from_numpy(base["top_idx"]).long()
         targets = torch.from_numpy(ids[c, cfg.first + 1:].astype(np.int64))
-        p = top_lp.exp()
-        lq_top = lq.gather(-1, top_idx)
-        kl = (p * (top_lp - lq_top)).sum(-1)
-        # tail: sum p log p (stored) - P * E_tail[log q] (stratified quadrature over the stored ids)
-        tail_lq = lq.gather(-1, torch.from_numpy(base["tail_idx"]).long()).mean(-1)
-        kl = kl + torch.from_numpy(base["tail_plogp"]) - torch.from_numpy(base["tail_p"]) * tail_lq
+        kl = chunk_kld(base, lq)
         nll_q = -lq.gather(-1, targets[:, None])[:, 0]
         nll_b = -torch.from_numpy(base["target_lp"]).double()
         kl_all.append(kl.numpy())
@@ -372,9 +393,9 @@ def quant_pass(quant: LogitsModel, ids: np.ndarray, cache: BaseCache, cfg: KLDCo
         kld_mean=float(kl_v.mean()),
         kld_mean_stderr=float(kl_v.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
         kld_median=float(np.median(kl_v)),
-        kld_p90=_percentile(kl_v, 0.90),
-        kld_p99=_percentile(kl_v, 0.99),
-        kld_p999=_percentile(kl_v, 0.999),
+        kld_p90=percentile(kl_v, 0.90),
+        kld_p99=percentile(kl_v, 0.99),
+        kld_p999=percentile(kl_v, 0.999),
         kld_max=float(kl_v.max()),
         same_top=same_top,
         same_top_stderr=float(math.sqrt(same_top * (1 - same_top) / max(n - 1, 1))),

@@ -4,23 +4,15 @@ Q4_K_M < Q2_K < IQ1_S ordering, tokenizer mismatch and cache reuse."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from dq.evals.errors import EvalConfigError, TokenizerMismatchError
-from dq.evals.kld import KLDConfig, _compress_base, run_kld
+from dq.evals.kld import KLDConfig, base_pass, chunk_kld, compress_base, percentile, quant_pass, run_kld
 from dq.evals.runner import parse_tasks
-
-
-def _kld_from_cache(cached: dict, lq: torch.Tensor) -> torch.Tensor:
-    # the quant_pass formula, on one chunk
-    top_lp = torch.from_numpy(cached["top_lp"]).double()
-    lq_top = lq.gather(-1, torch.from_numpy(cached["top_idx"]).long())
-    kl = (top_lp.exp() * (top_lp - lq_top)).sum(-1)
-    tail_lq = lq.gather(-1, torch.from_numpy(cached["tail_idx"]).long()).mean(-1)
-    return kl + torch.from_numpy(cached["tail_plogp"]) - torch.from_numpy(cached["tail_p"]) * tail_lq
 
 
 @pytest.mark.parametrize("scale", [0.05, 0.5, 2.0])
@@ -35,7 +27,7 @@ def test_tail_quadrature_matches_exact_kld(scale):
     lp, lq = base_logits.log_softmax(-1), quant_logits.log_softmax(-1)
     exact = (lp.exp() * (lp - lq)).sum(-1)
     targets = torch.zeros(n, dtype=torch.long)
-    approx = _kld_from_cache(_compress_base(lp.float(), targets, 256, 256), lq)
+    approx = chunk_kld(compress_base(lp.float(), targets, 256, 256), lq)
     rel_mean = abs(approx.mean() / exact.mean() - 1)
     assert rel_mean < 0.01, (approx.mean(), exact.mean())
     assert ((approx - exact).abs() / exact).max() < 0.1
@@ -44,9 +36,9 @@ def test_tail_quadrature_matches_exact_kld(scale):
 def test_tail_empty_when_topk_covers_vocab():
     lp = torch.randn(4, 100, dtype=torch.float64).log_softmax(-1)
     lq = torch.randn(4, 100, dtype=torch.float64).log_softmax(-1)
-    c = _compress_base(lp.float(), torch.zeros(4, dtype=torch.long), 100, 16)
+    c = compress_base(lp.float(), torch.zeros(4, dtype=torch.long), 100, 16)
     exact = (lp.exp() * (lp - lq)).sum(-1)
-    torch.testing.assert_close(_kld_from_cache(c, lq), exact, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunk_kld(c, lq), exact, atol=1e-5, rtol=1e-4)
 
 
 def test_bad_settings():
@@ -118,9 +110,55 @@ def test_too_little_text(smollm2_bf16_gguf, tmp_path):
 
 
 def test_percentiles_match_llama_cpp_definition():
-    # llama.cpp's percentile(): linear interpolation at fraction*(n-1), numpy's default
-    v = np.sort(np.random.default_rng(0).exponential(size=1001).astype(np.float32))
-    p = 0.999 * (v.size - 1)
-    ip = int(p)
-    ref = (1 - (p - ip)) * v[ip] + (p - ip) * v[min(ip + 1, v.size - 1)]
-    assert np.isclose(np.percentile(v, 99.9), ref, rtol=1e-6)
+    # llama.cpp's percentile(): linear interpolation at fraction * (n - 1) of the sorted values
+    assert percentile(np.array([5.0, 1.0, 4.0, 2.0, 3.0]), 0.9) == pytest.approx(4.6)  # 4 + 0.6 * (5 - 4)
+    assert percentile(np.array([7.0]), 0.999) == 7.0
+    v = np.random.default_rng(0).exponential(size=1001)
+    assert percentile(v, 0.999) == pytest.approx(np.percentile(v, 99.9, method="linear"))
+
+
+class _FixedLogits:
+    """A "model" whose logits are given: base_pass/quant_pass are tested on known distributions."""
+
+    def __init__(self, logits: np.ndarray, name: str):
+        from dq.evals.backends import ModelKind, ModelRef
+
+        self.table = logits  # [chunks, ctx, vocab]
+        self.n_vocab = logits.shape[-1]
+        self.ref = ModelRef(Path(name), ModelKind.GGUF, name)
+        self.calls = 0
+
+    def logits(self, tokens, keep_last=None):
+        c = int(tokens[0])  # the first token of each chunk is its index
+        self.calls += 1
+        out = self.table[c]
+        return out[-keep_last:] if keep_last else out
+
+
+def test_quant_pass_equals_exact_kld_ppl_and_same_top(tmp_path):
+    """dq's own base_pass + quant_pass on known logits: mean KLD, PPL ratio, same-top and p99.9 against
+    the exact full-vocabulary values (a vocabulary larger than top-k, so the tail quadrature is used)."""
+    rng = np.random.default_rng(0)
+    cfg = KLDConfig(ctx=32, chunks=3, topk=256, tail_samples=256)
+    vocab = 2048
+    base = (-1.5 * np.log(np.arange(1, vocab + 1)))[None, None, :] + rng.normal(size=(3, 32, vocab))
+    quant = base + 0.3 * rng.normal(size=base.shape)
+    ids = rng.integers(0, vocab, size=(3, 32))
+    ids[:, 0] = np.arange(3)
+    cache = base_pass(_FixedLogits(base.astype(np.float32), "base"), ids, cfg, cache_root=tmp_path)
+    r = quant_pass(_FixedLogits(quant.astype(np.float32), "quant"), ids, cache, cfg)
+    lp = torch.from_numpy(base.astype(np.float32).astype(np.float64)[:, cfg.first:-1]).log_softmax(-1)
+    lq = torch.from_numpy(quant.astype(np.float32).astype(np.float64)[:, cfg.first:-1]).log_softmax(-1)
+    exact = (lp.exp() * (lp - lq)).sum(-1).flatten().numpy()
+    assert r.n_tokens == 3 * cfg.scored_per_chunk == exact.size
+    assert r.kld_mean == pytest.approx(exact.mean(), rel=0.01)
+    assert r.kld_p999 == pytest.approx(np.percentile(exact, 99.9), rel=0.1)
+    tgt = torch.from_numpy(ids[:, cfg.first + 1:])
+    nll_q = -lq.gather(-1, tgt[..., None])[..., 0].numpy()
+    nll_b = -lp.gather(-1, tgt[..., None])[..., 0].numpy()
+    assert r.ppl_ratio == pytest.approx(np.exp(nll_q.mean() - nll_b.mean()), rel=1e-4)
+    assert r.same_top == pytest.approx(float((lq.argmax(-1) == lp.argmax(-1)).double().mean()))
+    # the second call reuses the cache instead of running the base again
+    again = _FixedLogits(base.astype(np.float32), "base")
+    base_pass(again, ids, cfg, cache_root=tmp_path)
+    assert again.calls == 0
