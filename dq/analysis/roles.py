@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 
-__all__ = ["TensorRole", "classify", "layer_index"]
+__all__ = ["TensorRole", "classify", "classify_module", "layer_index"]
 
 
 class TensorRole(str, Enum):
@@ -83,3 +83,43 @@ def layer_index(gguf_name: str) -> int | None:
     """Decoder block index of a tensor (``blk.N.``), or None for global tensors."""
     m = _LAYER.search(gguf_name)
     return int(m.group(1)) if m else None
+
+
+# Hugging Face module names -> role, for exporters that work on transformers modules rather than GGUF names
+# (the NF4 safetensors path). First match wins.
+_MODULE_RULES: tuple[tuple[str, TensorRole], ...] = (
+    (r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|vit|image_encoder)(\.|$)", TensorRole.VISION),
+    (r"(^|\.)(multi_modal_projector|mm_projector|merger|connector)(\.|$)", TensorRole.PROJECTOR),
+    (r"(^|\.)(lm_head|output|embed_out)$", TensorRole.OUTPUT),
+    (r"(^|\.)(embed_tokens|wte|word_embeddings)$", TensorRole.EMBEDDING),
+    (r"\.experts(\.\d+)?\.(gate_proj|w1)$", TensorRole.EXPERT_GATE),
+    (r"\.experts(\.\d+)?\.(up_proj|w3)$", TensorRole.EXPERT_UP),
+    (r"\.experts(\.\d+)?\.(down_proj|w2)$", TensorRole.EXPERT_DOWN),
+    (r"\.experts\.gate_up_proj$", TensorRole.EXPERT_GATE),
+    (r"\.shared_experts?\.gate_proj$", TensorRole.SHARED_GATE),
+    (r"\.shared_experts?\.up_proj$", TensorRole.SHARED_UP),
+    (r"\.shared_experts?\.down_proj$", TensorRole.SHARED_DOWN),
+    (r"\.(gate|router)$", TensorRole.ROUTER),
+    (r"\.(qkv_proj|query_key_value|c_attn)$", TensorRole.ATTN_QKV),
+    (r"\.q_proj$", TensorRole.ATTN_Q),
+    (r"\.k_proj$", TensorRole.ATTN_K),
+    (r"\.v_proj$", TensorRole.ATTN_V),
+    (r"\.(o_proj|dense|out_proj)$", TensorRole.ATTN_OUTPUT),
+    (r"\.(gate_proj|w1)$", TensorRole.FFN_GATE),
+    (r"\.(up_proj|w3)$", TensorRole.FFN_UP),
+    (r"\.(down_proj|w2|fc2)$", TensorRole.FFN_DOWN),
+)
+_MODULE_COMPILED = tuple((re.compile(p), role) for p, role in _MODULE_RULES)
+
+
+def classify_module(module_name: str) -> TensorRole:
+    """Role of a Hugging Face module (``model.layers.3.mlp.down_proj`` -> ``ffn_down``).
+
+    Example:
+        >>> classify_module("model.layers.0.self_attn.q_proj")
+        <TensorRole.ATTN_Q: 'attn_q'>
+    """
+    for rx, role in _MODULE_COMPILED:
+        if rx.search(module_name):
+            return role
+    return TensorRole.OTHER

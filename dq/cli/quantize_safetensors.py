@@ -107,7 +107,6 @@ def run_safetensors(args: argparse.Namespace) -> int:
     """``dq quantize --format safetensors``: returns the exit code."""
     from tqdm import tqdm
 
-    from dq.data import calibration_text
     from dq.export.safetensors_bnb import quantize_safetensors_bnb
     from dq.models import resolve_model
 
@@ -119,7 +118,6 @@ def run_safetensors(args: argparse.Namespace) -> int:
     keep, analysis = (set(args.keep), None) if args.keep else _plan_source(getattr(args, "plan", None),
                                                                            getattr(args, "analysis", None))
     target = _target_bytes(model, getattr(args, "target_size", None), getattr(args, "target_bpw", None))
-    calib = calibration_text(calib_file=args.calib) if args.calib else None
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -130,7 +128,7 @@ def run_safetensors(args: argparse.Namespace) -> int:
 
     try:
         result = quantize_safetensors_bnb(
-            model, output, keep=keep, keep_fraction=args.keep_fraction, analysis=analysis, calib_text=calib,
+            model, output, keep=keep, keep_fraction=args.keep_fraction, analysis=analysis, calib_file=args.calib,
             n_tokens=args.calib_tokens, double_quant=not args.no_double_quant, overwrite=args.overwrite,
             target_bytes=target, dry_run=args.dry_run, progress=progress)
     finally:

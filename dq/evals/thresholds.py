@@ -15,6 +15,8 @@ The file (llm-compressor's ``tests/lmeval/configs`` pattern: model, scheme, metr
         tensor_type: []           #   ... with optional REGEX=TYPE overrides and
         imatrix: null             #   an optional imatrix (GGUF imatrix file)
         # quant: path/to/file.gguf  (instead of preset: an already-built quant)
+        # plan: auto + target_size: 75MB (or target_bpw)  (instead of preset: dq's own plan, analysed
+        #   with settings.analyze, e.g. {n_tokens: 2048, grad_tokens: 1024, candidates: "Q8_0,Q4_K,..."})
         bounds:                   # metric -> {max: x} and/or {min: y}
           kld_mean: {max: 0.05}
           same_top: {min: 0.85}
@@ -39,12 +41,16 @@ from dq.evals.kld import KLDConfig, Progress
 from dq.evals.lmeval import LM_TASKS, LMEvalConfig, parse_subjects
 from dq.evals.report import METRICS, EvalReport, known_metric
 
-__all__ = ["Bound", "ThresholdEntry", "Thresholds", "CheckRow", "load_thresholds", "build_quant", "run_check"]
+__all__ = ["Bound", "ThresholdEntry", "Thresholds", "CheckRow", "load_thresholds", "build_quant", "auto_plan",
+           "build_plan_quant", "run_check"]
 
 log = logging.getLogger(__name__)
 
-_SETTINGS_KEYS = {"ctx", "chunks", "topk", "tail_samples", "tasks_limit", "mmlu_subjects", "num_fewshot", "max_length"}
-_ENTRY_KEYS = {"name", "model", "preset", "tensor_type", "imatrix", "quant", "plan", "bounds"}
+_SETTINGS_KEYS = {"ctx", "chunks", "topk", "tail_samples", "tasks_limit", "mmlu_subjects", "num_fewshot", "max_length",
+                  "analyze"}
+_ENTRY_KEYS = {"name", "model", "preset", "tensor_type", "imatrix", "quant", "plan", "target_size", "target_bpw",
+               "bounds"}
+AUTO = Path("auto")  # `plan: auto`: analyse (settings.analyze), plan under the entry's budget, quantize
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,18 @@ class ThresholdEntry:
     quant: Path | None = None
     name: str | None = None
     plan: Path | None = None
+    target_size: str | int | None = None
+    target_bpw: float | None = None
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.preset, self.quant, self.plan)) != 1:
             raise ThresholdsError(f"entry for {self.model!r} needs exactly one of 'preset' (e.g. Q4_K_M), "
-                                  f"'plan' (a dq plan file) or 'quant' (a .gguf)")
+                                  f"'plan' (a dq plan file, or auto) or 'quant' (a .gguf)")
+        budget = (self.target_size is not None) + (self.target_bpw is not None)
+        if self.plan == AUTO and budget != 1:
+            raise ThresholdsError(f"entry {self.label!r}: 'plan: auto' needs exactly one of target_size and target_bpw")
+        if self.plan != AUTO and budget:
+            raise ThresholdsError(f"entry {self.label!r}: target_size/target_bpw only go with 'plan: auto'")
         if not self.bounds:
             raise ThresholdsError(f"entry {self.label!r} has no bounds; add e.g. bounds: {{kld_mean: {{max: 0.05}}}}")
 
@@ -119,6 +132,7 @@ class Thresholds:
     kld: KLDConfig = KLDConfig(chunks=8)
     lm: LMEvalConfig = LMEvalConfig()
     source: Path | None = None
+    analyze: dict = field(default_factory=dict)  # AnalyzeOptions fields for `plan: auto` entries
 
 
 @dataclass(frozen=True)
@@ -215,11 +229,22 @@ def load_thresholds(path: str | Path) -> Thresholds:
             entries.append(ThresholdEntry(
                 model=model, bounds=tuple(bounds), preset=preset,
                 tensor_type=tuple(e.get("tensor_type") or ()), imatrix=rel(e.get("imatrix")),
-                quant=rel(e.get("quant")), name=e.get("name"), plan=rel(e.get("plan")),
+                quant=rel(e.get("quant")), name=e.get("name"),
+                plan=AUTO if e.get("plan") == "auto" else rel(e.get("plan")),
+                target_size=e.get("target_size"), target_bpw=e.get("target_bpw"),
             ))
         except ThresholdsError as exc:
             raise ThresholdsError(f"{where}: {exc}") from None
-    return Thresholds(tuple(entries), kld=kld, lm=lm, source=path)
+    analyze = dict(s.get("analyze") or {})
+    if analyze:
+        from dataclasses import fields as dc_fields
+
+        from dq.analysis.analyze import AnalyzeOptions
+
+        _forbid_extra(analyze, {f.name for f in dc_fields(AnalyzeOptions)}, f"{path}: settings.analyze")
+        if "candidates" in analyze and isinstance(analyze["candidates"], str):
+            analyze["candidates"] = tuple(c.strip() for c in analyze["candidates"].split(","))
+    return Thresholds(tuple(entries), kld=kld, lm=lm, source=path, analyze=analyze)
 
 
 def build_quant(model: str | Path, preset: str, tensor_type: tuple[str, ...] = (), imatrix: Path | None = None,
@@ -254,6 +279,32 @@ def build_quant(model: str | Path, preset: str, tensor_type: tuple[str, ...] = (
     quantize_gguf(src, out, assignment, imatrix=im, imatrix_name=Path(imatrix).name if imatrix else None,
                   preset_ftype=PRESETS[preset])
     return out
+
+
+def auto_plan(model: str | Path, analyze_options: dict, target_size, target_bpw, *,
+              cache_root: Path | None = None) -> Path:
+    """``plan: auto``: the model's analysis with ``analyze_options`` (cached by model and options), then a plan
+    under the budget, saved into the cache; returns the plan file."""
+    import json
+    import math
+
+    from dq.analysis.analyze import AnalyzeOptions, analyze
+    from dq.cache import files_key
+    from dq.evals.backends import resolve_model_ref
+    from dq.plan.planner import budget_bytes, load_plan_inputs, make_plan
+    from dq.quant.assign import read_source_tensors
+
+    opts = AnalyzeOptions(**analyze_options)
+    ref = resolve_model_ref(model)
+    key = hashlib.sha256(json.dumps(opts.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+    adir = (cache_root or cache_dir()) / "evals" / "analysis" / f"{ref.path.name}-{files_key(ref.path)}-{key}"
+    if not (adir / "analysis.json").is_file():
+        log.info("analysing %s for `plan: auto` into %s", ref.path, adir)
+        analyze(ref.path, adir, opts, resume=True)
+    inputs = load_plan_inputs(adir)
+    n = sum(math.prod(s.shape) for s in read_source_tensors(inputs.source_gguf))
+    plan = make_plan(inputs, budget_bytes(target_size, target_bpw, n))
+    return plan.save(adir / f"plan-{target_size or target_bpw}.yaml")
 
 
 def build_plan_quant(model: str | Path, plan_path: Path, imatrix: Path | None = None,
@@ -319,7 +370,9 @@ def run_check(thresholds: Thresholds | str | Path, *, cache_root: Path | None = 
         if e.quant is not None:
             quant = e.quant
         elif e.plan is not None:
-            quant = build_plan_quant(e.model, e.plan, e.imatrix, cache_root=cache_root)
+            plan = (auto_plan(e.model, th.analyze, e.target_size, e.target_bpw, cache_root=cache_root)
+                    if e.plan == AUTO else e.plan)
+            quant = build_plan_quant(e.model, plan, e.imatrix, cache_root=cache_root)
         else:
             quant = build_quant(e.model, e.preset, e.tensor_type, e.imatrix, cache_root=cache_root)
         if not Path(quant).exists():

@@ -25,7 +25,6 @@ __all__ = [
     "require_bitsandbytes",
     "quantize_nf4",
     "dequantize_nf4",
-    "calibration_batches",
     "measure_nf4",
 ]
 
@@ -82,24 +81,6 @@ def quantize_nf4(weight, *, double_quant: bool = True, blocksize: int = BLOCKSIZ
 def dequantize_nf4(q: NF4Weight):
     bnb = require_bitsandbytes()
     return bnb.functional.dequantize_4bit(q.packed, q.state)
-
-
-def calibration_batches(tokenizer, text: str, *, n_tokens: int, seq_len: int):
-    """``n_tokens // seq_len`` windows of ``seq_len`` tokens, evenly spaced over ``text``.
-
-    Spreading windows over the whole text matters: dq's calibration text is C4 + code + multilingual +
-    technical, concatenated, and the first windows alone would all be C4.
-    """
-    import torch
-
-    from dq.errors import AnalysisError
-
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_seq = max(1, n_tokens // seq_len)
-    if ids.numel() < seq_len:
-        raise AnalysisError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}; give more text")
-    starts = torch.linspace(0, ids.numel() - seq_len, n_seq).long().tolist()
-    return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
 def measure_nf4(

@@ -26,7 +26,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from dq.analysis.roles import TensorRole, classify_module
 from dq.errors import BudgetError, CorruptFileError, PlanError, reject_unknown_keys
+from dq.plan.policy import Policy
+from dq.quant.formats import FORMATS
 
 __all__ = [
     "BNB_PLAN_VERSION",
@@ -51,39 +54,26 @@ SPIKE_FACTOR = 20.0
 # bitsandbytes >= 0.49 on CPUs with AVX512-BF16: Linear4bit inference asserts unless out_features % 32 == 0.
 CPU_OUT_ALIGN = 32
 
-# HF module-name patterns -> role; first match wins. Roles are the strings of dq.analysis.roles.TensorRole.
-_ROLE_RULES: tuple[tuple[str, str], ...] = (
-    (r"(^|\.)(vision_tower|vision_model|visual|vision_encoder|vit|image_encoder)(\.|$)", "vision"),
-    (r"(^|\.)(multi_modal_projector|mm_projector|merger|connector)(\.|$)", "projector"),
-    (r"(^|\.)(lm_head|output|embed_out)$", "output"),
-    (r"(^|\.)(embed_tokens|wte|word_embeddings)$", "embedding"),
-    (r"\.experts\.\d+\.(gate_proj|w1)$", "expert_gate"),
-    (r"\.experts\.\d+\.(up_proj|w3)$", "expert_up"),
-    (r"\.experts\.\d+\.(down_proj|w2)$", "expert_down"),
-    (r"\.shared_experts?\.gate_proj$", "shared_gate"),
-    (r"\.shared_experts?\.up_proj$", "shared_up"),
-    (r"\.shared_experts?\.down_proj$", "shared_down"),
-    (r"\.(gate|router)$", "router"),
-    (r"\.(qkv_proj|query_key_value|c_attn)$", "attn_qkv"),
-    (r"\.q_proj$", "attn_q"),
-    (r"\.k_proj$", "attn_k"),
-    (r"\.v_proj$", "attn_v"),
-    (r"\.(o_proj|dense|out_proj)$", "attn_output"),
-    (r"\.(gate_proj|w1)$", "ffn_gate"),
-    (r"\.(up_proj|w3)$", "ffn_up"),
-    (r"\.(down_proj|w2|fc2)$", "ffn_down"),
-)
-_ROLE_RX = tuple((re.compile(p), r) for p, r in _ROLE_RULES)
-_ALWAYS_KEEP = {"vision": "vision", "projector": "vision", "output": "output", "router": "router"}
-_DOWN_ROLES = {"ffn_down", "expert_down", "shared_down"}
+# Roles whose floor in dq's planning policy is above 4-bit stay 16-bit here (vision towers, projectors);
+# routers and norms are kept by the policy; the output head is kept by bitsandbytes' loaders anyway.
+_NF4_BITS = 4.5
+_DOWN_ROLES = {TensorRole.FFN_DOWN, TensorRole.EXPERT_DOWN, TensorRole.SHARED_DOWN}
 
 
 def module_role(name: str) -> str:
-    """Role of a Hugging Face module name (``model.layers.3.mlp.down_proj`` -> ``ffn_down``)."""
-    for rx, role in _ROLE_RX:
-        if rx.search(name):
-            return role
-    return "other"
+    """Role of a Hugging Face module name (``model.layers.3.mlp.down_proj`` -> ``ffn_down``): the planner's
+    roles (:func:`dq.analysis.roles.classify_module`)."""
+    return classify_module(name).value
+
+
+def _always_kept(role: TensorRole, policy: Policy) -> Reason | None:
+    if role is TensorRole.OUTPUT:
+        return Reason.OUTPUT
+    if Policy.kept(role):
+        return Reason.ROUTER
+    if FORMATS[policy.floor_for(role, None, False)].bits_per_weight > _NF4_BITS:
+        return Reason.VISION
+    return None
 
 
 class Reason(str, Enum):
@@ -177,6 +167,7 @@ class BnbPlan:
     compute_dtype: str = "bfloat16"
     keep_fraction: float | None = None
     n_tokens: int = 0
+    fused_experts: tuple[str, ...] = ()  # 3-D expert parameters bitsandbytes cannot quantize: kept 16-bit
     version: int = BNB_PLAN_VERSION
 
     @property
@@ -208,6 +199,7 @@ class BnbPlan:
             "source": self.source, "n_modules": len(self.modules), "n_quantized": len(self.quantized),
             "n_kept": len(self.kept), "kept_param_fraction": round(self.kept_param_fraction, 5),
             "kept_by_reason": dict(sorted(by_reason.items())),
+            "fused_experts_kept_16bit": len(self.fused_experts),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,7 +212,8 @@ class BnbPlan:
         _check_keys(cls, d)
         if d.get("version") != BNB_PLAN_VERSION:
             raise CorruptFileError(f"bnb plan version {d.get('version')!r} is not {BNB_PLAN_VERSION}; re-run dq quantize")
-        return cls(**{**d, "modules": tuple(ModuleChoice.from_dict(m) for m in d["modules"])})
+        return cls(**{**d, "modules": tuple(ModuleChoice.from_dict(m) for m in d["modules"]),
+                      "fused_experts": tuple(d.get("fused_experts", ()))})
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -249,7 +242,7 @@ def _robust_z(values: Sequence[float]) -> list[float]:
 
 def super_weight_modules(measurements: Iterable[ModuleMeasurement], spike_factor: float = SPIKE_FACTOR) -> set[str]:
     """``down_proj`` modules whose largest input activation is ``spike_factor`` x the median of their kind."""
-    downs = [m for m in measurements if m.role in _DOWN_ROLES and m.input_spike is not None]
+    downs = [m for m in measurements if TensorRole(m.role) in _DOWN_ROLES and m.input_spike is not None]
     if len(downs) < 3:
         return set()
     med = statistics.median(m.input_spike for m in downs) or 1e-12
@@ -268,6 +261,7 @@ def select_modules(
     cpu_safe: bool = True,
     n_tokens: int = 0,
     double_quant: bool = True,
+    policy: Policy | None = None,
 ) -> BnbPlan:
     """Decide NF4 or 16-bit for every linear module.
 
@@ -282,6 +276,8 @@ def select_modules(
         keep_fraction: budget, as a fraction of linear-layer parameters, in [0, 1).
         super_weights: module names known to hold super weights (from an ``Analysis``); default:
             detected from ``input_spike``.
+        policy: the planner's policy (:class:`dq.plan.policy.Policy`): roles it keeps in their source type
+            and roles whose floor is above 4 bits stay 16-bit here.
 
     Returns:
         The :class:`BnbPlan`.
@@ -297,10 +293,12 @@ def select_modules(
     names = {m.name for m in measurements}
     if len(names) != len(measurements):
         raise PlanError("duplicate module names in measurements")
+    policy = policy or Policy()
     decided: dict[str, Reason] = {}
     for m in measurements:
-        if m.role in _ALWAYS_KEEP:
-            decided[m.name] = Reason(_ALWAYS_KEEP[m.role])
+        kept = _always_kept(TensorRole(m.role), policy)
+        if kept is not None:
+            decided[m.name] = kept
         elif cpu_safe and m.shape[0] % CPU_OUT_ALIGN:
             decided[m.name] = Reason.CPU_SHAPE
     if keep is not None:
@@ -354,7 +352,8 @@ def _natural_key(name: str) -> list:
 _NF4_PROXIES = ("IQ4_NL", "Q4_0", "IQ4_XS", "Q4_1", "Q4_K")
 
 
-def measurements_from_analysis(analysis, shapes: Mapping[str, tuple[int, int]]) -> tuple[list[ModuleMeasurement], set[str]]:
+def measurements_from_analysis(analysis, shapes: Mapping[str, tuple[int, int]], policy: Policy | None = None,
+                               ) -> tuple[list[ModuleMeasurement], set[str]]:
     """Turn a ``dq.analysis.Analysis`` into per-module measurements and super-weight module names.
 
     ``act_err`` comes from the candidate 4-bit type closest to NF4 (IQ4_NL, else Q4_0, ...). ``shapes``
@@ -382,5 +381,7 @@ def measurements_from_analysis(analysis, shapes: Mapping[str, tuple[int, int]]) 
         out.append(ModuleMeasurement(name=name, shape=shape, act_err=err,
                                      max_abs_weight=t.max_abs if t is not None else None))
     gguf_to_module = {t.name: t.hf_name[: -len(".weight")] for t in analysis.tensors if t.hf_name.endswith(".weight")}
-    sw = {gguf_to_module[s.tensor] for s in analysis.super_weights if s.tensor in gguf_to_module}
+    ratio = (policy or Policy()).super_weight_min_ppl_ratio  # the planner's rule for a confirmed super weight
+    sw = {gguf_to_module[s.tensor] for s in analysis.super_weights if s.tensor in gguf_to_module
+          and (s.ablation_ppl_ratio is None or s.ablation_ppl_ratio >= ratio)}
     return out, sw

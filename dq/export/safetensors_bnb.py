@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dq.convert.convert import read_hf_config
@@ -31,7 +31,6 @@ from dq.errors import NotAModelError, OutputNotWritableError
 from dq.export.bnb_measure import (
     BLOCKSIZE,
     NF4Weight,
-    calibration_batches,
     measure_nf4,
     quantize_nf4,
     require_bitsandbytes,
@@ -193,6 +192,18 @@ def _write_shards(tensors: dict, tmp: Path, max_shard_bytes: int) -> int:
     return total
 
 
+def _fused_experts(model) -> dict[str, int]:
+    """Parameter name -> size of transformers-5 fused expert tensors (3-D), which are no ``nn.Linear``."""
+    from dq.analysis.collect import expert_params
+
+    out = {}
+    for name, mod in model.named_modules():
+        p = expert_params(mod)
+        for k, v in (p or {}).items():
+            out[f"{name}.{k}"] = v.numel()
+    return out
+
+
 def quantize_safetensors_bnb(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -200,7 +211,7 @@ def quantize_safetensors_bnb(
     keep: Iterable[str] | None = None,
     keep_fraction: float | None = None,
     analysis=None,
-    calib_text: str | None = None,
+    calib_file: str | Path | None = None,
     n_tokens: int = 2048,
     seq_len: int = 512,
     double_quant: bool = True,
@@ -215,8 +226,8 @@ def quantize_safetensors_bnb(
 
     Which modules stay 16-bit is decided, in order of precedence, by ``keep`` (exact module names),
     by ``analysis`` (a ``dq.analysis.Analysis`` of the same model: its 4-bit ``act_err`` and super
-    weights), or by dq's own NF4 hook pass over ``calib_text`` (default: dq's packaged calibration
-    text); see :func:`dq.export.bnb_plan.select_modules` for the policy and ``keep_fraction``.
+    weights), or by dq's own NF4 hook pass over calibration windows from :mod:`dq.calibration` (the
+    packaged sets, or ``calib_file``); see :func:`dq.export.bnb_plan.select_modules` for the policy and ``keep_fraction``.
 
     Args:
         model_dir: a Hugging Face model directory in 16 or 32 bits.
@@ -258,6 +269,12 @@ def quantize_safetensors_bnb(
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
     model_name = str(model_dir)
+    fused = _fused_experts(model)
+    if fused:
+        share = sum(fused.values()) / sum(p.numel() for p in model.parameters())
+        log.warning("%d fused expert parameter(s) (e.g. %s) hold %.1f%% of the weights: bitsandbytes NF4 quantizes "
+                    "nn.Linear modules only, so they stay 16-bit (counted in the size and in dq_plan.json)",
+                    len(fused), next(iter(fused)), 100 * share)
 
     def _quantize(names: list[str]) -> dict[str, NF4Weight]:
         out = {}
@@ -294,12 +311,12 @@ def quantize_safetensors_bnb(
                               double_quant=double_quant)
         quantized = _quantize([m.name for m in plan.quantized])
     else:
-        from dq.data import calibration_text
+        from dq.calibration import sample_calibration
 
         candidates = [n for n in shapes if module_role(n) not in {"output", "vision", "projector", "router"}]
         quantized = _quantize(candidates)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        batches = calibration_batches(tokenizer, calib_text or calibration_text(), n_tokens=n_tokens, seq_len=seq_len)
+        batches = sample_calibration(tokenizer, max(1, n_tokens // seq_len), seq_len, calib_file=calib_file).ids
         n_tokens_used = batches.numel()
         log.info("measuring NF4 activation error of %d modules on %d calibration tokens", len(quantized), n_tokens_used)
         stats = measure_nf4(model, batches, quantized,
@@ -313,6 +330,8 @@ def quantize_safetensors_bnb(
                               n_tokens=n_tokens_used, double_quant=double_quant)
         quantized = {m.name: quantized[m.name] for m in plan.quantized}
 
+    if fused:
+        plan = replace(plan, fused_experts=tuple(sorted(fused)))
     # State dict: NF4 modules as Linear4bit serializes them, everything else as is; tied copies dropped.
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if config.get("tie_word_embeddings") else set()
     tensors = {}

@@ -29,12 +29,6 @@ from dq.export.bnb_plan import (  # noqa: E402
 from dq.export.safetensors_bnb import quantize_safetensors_bnb  # noqa: E402
 
 
-def _calib() -> str:
-    from dq.data import calibration_text
-
-    return calibration_text()[:20_000]
-
-
 def _logits(model, ids):
     model.eval()
     with torch.no_grad():
@@ -44,7 +38,7 @@ def _logits(model, ids):
 @pytest.fixture(scope="module")
 def tiny_quant(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bnb") / "tiny-dyn-nf4"
-    return quantize_safetensors_bnb(tiny_llama_dir, out, calib_text=_calib(), n_tokens=512, seq_len=128,
+    return quantize_safetensors_bnb(tiny_llama_dir, out, n_tokens=512, seq_len=128,
                                     keep_fraction=0.2)
 
 
@@ -98,11 +92,12 @@ def test_act_err_matches_direct_computation(tiny_llama_dir):
     """act_err of one module, recomputed by hand from captured inputs and bitsandbytes' dequantization."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dq.export.bnb_measure import calibration_batches, dequantize_nf4, measure_nf4, quantize_nf4
+    from dq.calibration import sample_calibration
+    from dq.export.bnb_measure import dequantize_nf4, measure_nf4, quantize_nf4
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    batches = calibration_batches(tok, _calib(), n_tokens=256, seq_len=64)
+    batches = sample_calibration(tok, 4, 64).ids
     name = "model.layers.1.mlp.down_proj"
     mod = dict(model.named_modules())[name]
     q = quantize_nf4(mod.weight)
@@ -299,3 +294,19 @@ def test_densified_4bit_model_equals_bitsandbytes(tiny_quant):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
     assert densify_4bit(dense) == 0
+
+
+def test_fused_experts_are_reported_priced_and_kept(tiny_llama_dir, tmp_path, caplog):
+    """transformers-5 MoE experts are fused 3-D tensors, no nn.Linear: bitsandbytes cannot quantize them.
+    The NF4 path says so, records them in the plan, and counts them at 16 bits in the size."""
+    from dq.testing_moe import upcycle_moe
+
+    moe = upcycle_moe(tiny_llama_dir, tmp_path / "mixtral", kind="mixtral", n_experts=4, top_k=2)
+    caplog.set_level("WARNING")
+    q = quantize_safetensors_bnb(moe, tmp_path / "out", keep=[], dry_run=True)
+    assert q.plan.fused_experts == tuple(f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                         for p in ("down_proj", "gate_up_proj"))
+    assert "fused expert parameter(s)" in caplog.text and "stay 16-bit" in caplog.text
+    assert q.plan.summary()["fused_experts_kept_16bit"] == 4
+    expert_bytes = 2 * 4 * (2 * 512 * 256 + 256 * 512) * 2  # layers x experts x (gate_up + down) x bf16
+    assert q.size_bytes > expert_bytes

@@ -66,11 +66,10 @@ def gguf_quant(tiny_llama_dir, tiny_bf16_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def st_quant(tiny_llama_dir, tmp_path_factory):
-    from dq.data import calibration_text
     from dq.export.safetensors_bnb import quantize_safetensors_bnb
 
     out = tmp_path_factory.mktemp("st-quant") / "tiny-dyn-nf4"
-    return quantize_safetensors_bnb(tiny_llama_dir, out, calib_text=calibration_text()[:20_000], n_tokens=256,
+    return quantize_safetensors_bnb(tiny_llama_dir, out, n_tokens=256,
                                     seq_len=128, keep_fraction=0.15).path
 
 
