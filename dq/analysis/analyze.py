@@ -325,7 +325,8 @@ def _forward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, hidde
 
 
 def _backward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, layer_args, g: torch.Tensor, top: int,
-                    imatrix: dict[str, ImatrixEntry], sampled: np.ndarray, opt: AnalyzeOptions, progress) -> torch.Tensor:
+                    imatrix: dict[str, ImatrixEntry], sampled: np.ndarray, opt: AnalyzeOptions, progress,
+                    times: dict[str, float]) -> torch.Tensor:
     """Blocks ``top..0``: recompute each on the probe inputs, backpropagate, measure every tensor."""
     for i in range(top, -1, -1):
         t0 = time.time()
@@ -338,8 +339,11 @@ def _backward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, laye
             block = sk.module(prefix)
             with BlockGradients(block, prefix, mapper, _subsets(opt), sampled) as bg:
                 g = backward_block(sk, i, saved["hidden"], g, layer_args, bg, opt.seq_len)
+            t1 = time.time()
+            times["backward_gradients"] = times.get("backward_gradients", 0.0) + t1 - t0
             found = Found()
             _measure_params(sk, names, mapper, imatrix, bg.grads, expert_modules(block, prefix, mapper), opt, found)
+            times["measure"] = times.get("measure", 0.0) + time.time() - t1
         finally:
             sk.free(prefix)
         ck.save_layer(i, found.tensors)
@@ -410,6 +414,8 @@ def analyze(
              ", ".join(f"{k} {v}" for k, v in cal.describe()["sequences_per_source"].items()), n_probe,
              len(opt.candidates))
 
+    times: dict[str, float] = {}
+    t_stage = time.time()
     hidden, layer_args = embed(sk, ids)
     found_all = Found()
     hidden_max: dict[int, np.ndarray] = {}
@@ -422,6 +428,8 @@ def analyze(
             log.info("resuming the forward sweep at layer %d of %d", start, sk.n_layers)
     if not head_done:
         hidden = _forward_sweep(sk, mapper, ck, hidden, layer_args, start, n_probe, seq_len, progress)
+    times["forward"] = time.time() - t_stage
+    t_stage = time.time()
     for i in range(sk.n_layers):
         f, hm = ck.load_stats(f"fwd_{i:04d}")
         found_all.merge(f)
@@ -433,6 +441,7 @@ def analyze(
         ck.save_tensor("grad.pt", layer=sk.n_layers - 1, grad=g)
         ck.drop("hidden.pt")
     del hidden
+    times["head"] = time.time() - t_stage
     head_found, _ = ck.load_stats("head")
     found_all.merge(head_found)
     saved = ck.load_tensor("grad.pt")
@@ -441,11 +450,14 @@ def analyze(
         log.info("resuming: all %d layers are measured already", sk.n_layers)
     elif top < sk.n_layers - 1:
         log.info("resuming the backward sweep at layer %d", top)
-    g = _backward_sweep(sk, mapper, ck, layer_args, g, top, found_all.imatrix, sampled, opt, progress)
+    g = _backward_sweep(sk, mapper, ck, layer_args, g, top, found_all.imatrix, sampled, opt, progress, times)
     for i in range(sk.n_layers):
         found_all.tensors.extend(ck.load_layer(i))
+    t_stage = time.time()
     _measure_embedding(sk, mapper, ids[:n_probe], g, found_all, opt)
     _measure_vision(sk, mapper, opt, found_all)
+    times["embedding_vision"] = time.time() - t_stage
+    t_stage = time.time()
 
     sws: list[SuperWeight] = []
     candidates: list[Spike] = []
@@ -455,6 +467,7 @@ def analyze(
             held = tokenize_calibration(tokenizer, heldout_text(), opt.ablation_tokens, min(opt.seq_len, 512))
             sws = ablate(sk, candidates, held)
     sk.close()
+    times["super_weights"] = time.time() - t_stage
 
     imatrix = Imatrix(dict(sorted(found_all.imatrix.items())),
                       datasets=("dq-analyze:" + (opt.calib_file or "c4,code,multilingual,technical"),),
@@ -486,6 +499,7 @@ def analyze(
             "super_experts": super_experts(found_all.spikes),
             "hidden_max": {str(k): float(v.max()) for k, v in sorted(hidden_max.items())},
             "seconds": round(time.time() - t_start, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in times.items()},  # this run's (a resumed run's part)
         },
     )
     analysis.save(out_dir / "analysis.json")

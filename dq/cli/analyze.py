@@ -18,14 +18,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face model directory or packaged model name (default: smollm2-135m)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output directory")
+    from dq.analysis.measure import DEFAULT_CANDIDATES
+
     p.add_argument("--candidates", default=None,
-                   help="comma-separated GGML types to measure (default: Q8_0,Q6_K,Q5_K,Q4_K,IQ4_XS,Q3_K,"
-                        "IQ3_XXS,Q2_K,IQ2_XXS,IQ1_M,IQ1_S,TQ1_0)")
+                   help=f"comma-separated GGML types to measure (default: {','.join(f.value for f in DEFAULT_CANDIDATES)})")
     p.add_argument("--calib", default=None, help="calibration text file (default: packaged C4+code+multilingual+technical)")
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--chat-template", action="store_true", help="wrap calibration samples in the chat template")
     p.add_argument("--act-tokens", type=int, default=512, help="tokens kept per tensor for activation error")
+    p.add_argument("--grad-tokens", type=int, default=4096,
+                   help="calibration tokens (whole sequences) that carry a KL probe through the backward sweep: "
+                        "the damage model's sample (default 4096)")
     p.add_argument("--max-elements", type=int, default=1 << 21,
                    help="measure errors on at most this many weights per tensor (seeded row subset; 0 = all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -48,8 +52,25 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, chat_template=args.chat_template, act_tokens=args.act_tokens,
         max_elements=args.max_elements or None, device=args.device, super_weights=not args.no_super_weights,
         ablation_tokens=args.ablation_tokens, plots=not args.no_plots, n_threads=args.threads,
+        grad_tokens=args.grad_tokens,
     )
-    analysis = analyze(args.model, args.out, opts, resume=args.resume)
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+    labels = {"forward": "forward sweep (imatrix, spikes)", "measure": "backward sweep (gradients, errors)"}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=labels.get(stage, stage), unit="layer", file=sys.stderr,
+                                     disable=None)
+        bar.update(done - bar.n)
+
+    try:
+        analysis = analyze(args.model, args.out, opts, resume=args.resume, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
     if args.json:
         json.dump(analysis.to_dict(), sys.stdout)
         sys.stdout.write("\n")

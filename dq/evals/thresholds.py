@@ -41,7 +41,7 @@ from dq.evals.kld import KLDConfig, Progress
 from dq.evals.lmeval import LM_TASKS, LMEvalConfig, parse_subjects
 from dq.evals.report import METRICS, EvalReport, known_metric
 
-__all__ = ["Bound", "ThresholdEntry", "Thresholds", "CheckRow", "load_thresholds", "build_quant", "auto_plan",
+__all__ = ["Bound", "ThresholdEntry", "Thresholds", "CheckRow", "load_thresholds", "build_quant", "auto_analysis", "auto_plan",
            "build_plan_quant", "run_check"]
 
 log = logging.getLogger(__name__)
@@ -281,18 +281,14 @@ def build_quant(model: str | Path, preset: str, tensor_type: tuple[str, ...] = (
     return out
 
 
-def auto_plan(model: str | Path, analyze_options: dict, target_size, target_bpw, *,
-              cache_root: Path | None = None) -> Path:
-    """``plan: auto``: the model's analysis with ``analyze_options`` (cached by model and options), then a plan
-    under the budget, saved into the cache; returns the plan file."""
+def auto_analysis(model: str | Path, analyze_options: dict, *, cache_root: Path | None = None) -> Path:
+    """The directory of ``model``'s analysis with ``analyze_options``, analysing once (cached by the model's
+    files and the options)."""
     import json
-    import math
 
     from dq.analysis.analyze import AnalyzeOptions, analyze
     from dq.cache import files_key
     from dq.evals.backends import resolve_model_ref
-    from dq.plan.planner import budget_bytes, load_plan_inputs, make_plan
-    from dq.quant.assign import read_source_tensors
 
     opts = AnalyzeOptions(**analyze_options)
     ref = resolve_model_ref(model)
@@ -301,6 +297,18 @@ def auto_plan(model: str | Path, analyze_options: dict, target_size, target_bpw,
     if not (adir / "analysis.json").is_file():
         log.info("analysing %s for `plan: auto` into %s", ref.path, adir)
         analyze(ref.path, adir, opts, resume=True)
+    return adir
+
+
+def auto_plan(model: str | Path, analyze_options: dict, target_size, target_bpw, *,
+              cache_root: Path | None = None) -> Path:
+    """``plan: auto``: a plan of :func:`auto_analysis` under the budget, saved beside it; returns the file."""
+    import math
+
+    from dq.plan.planner import budget_bytes, load_plan_inputs, make_plan
+    from dq.quant.assign import read_source_tensors
+
+    adir = auto_analysis(model, analyze_options, cache_root=cache_root)
     inputs = load_plan_inputs(adir)
     n = sum(math.prod(s.shape) for s in read_source_tensors(inputs.source_gguf))
     plan = make_plan(inputs, budget_bytes(target_size, target_bpw, n))

@@ -24,7 +24,7 @@ import numpy as np
 from dq.errors import ImatrixRequiredError, PlanError
 from dq.quant import libggml
 from dq.quant.assign import TensorChoice, TypeAssignment
-from dq.quant.formats import FORMATS
+from dq.quant.formats import FORMATS, tensor_nbytes
 from dq.quant.imatrix import Imatrix
 from dq.quant.layout import build_writer, open_source
 
@@ -104,14 +104,14 @@ def quantize_gguf(
     Returns:
         The path, its size (equal to :func:`predict_size`) and the assignment.
     """
-    reader = open_source(src, assignment)
+    header = open_source(src, assignment)
     _check_imatrix(assignment, imatrix)
-    writer = build_writer(reader, assignment, imatrix, imatrix_name, preset_ftype)
+    writer = build_writer(header, assignment, imatrix, imatrix_name, preset_ftype)
     expected = writer.total_size()
     writer.open(dst)
     try:
-        for choice, tensor in zip(assignment.choices, reader.tensors):
-            raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+        for choice, tensor in zip(assignment.choices, header.tensors):
+            raw = header.tensor_bytes(tensor, tensor_nbytes(choice.source, choice.shape))
             if tensor_cache is None or choice.stored is choice.source:
                 payload = _payload(choice, raw, imatrix, n_threads)
             else:

@@ -19,7 +19,8 @@ from dq.plan.allocate import allocate
 from dq.plan.artifact import QuantPlan
 from dq.plan.damage import DamageModel
 from dq.plan.policy import Policy
-from dq.quant.assign import read_source_tensors
+from dq.quant.assign import SourceTensor, read_source_tensors
+from dq.quant.gguf_header import read_gguf_header
 from dq.quant.imatrix import Imatrix, read_imatrix
 from dq.quant.layout import header_size
 
@@ -71,6 +72,8 @@ class PlanInputs:
     imatrix: Imatrix | None
     imatrix_path: Path | None
     damage: DamageModel
+    sources: tuple[SourceTensor, ...]  # the source GGUF's tensors, in file order
+    header_bytes: int  # the quantized file's exact header size (it does not depend on the types)
 
 
 def load_plan_inputs(analysis_path: str | Path) -> PlanInputs:
@@ -85,8 +88,10 @@ def load_plan_inputs(analysis_path: str | Path) -> PlanInputs:
     src = source_gguf(model_dir)
     im_path = imatrix_beside(adir / "analysis.json", analysis.imatrix_file)
     imatrix = read_imatrix(im_path) if im_path else None
+    header = read_gguf_header(src)
     return PlanInputs(analysis, adir / "analysis.json", model_dir, src, imatrix, im_path,
-                      DamageModel.from_analysis(analysis))
+                      DamageModel.from_analysis(analysis), tuple(read_source_tensors(header)),
+                      header_size(header, imatrix=imatrix, imatrix_name=im_path.name if im_path else None))
 
 
 def make_plan(
@@ -101,15 +106,12 @@ def make_plan(
         PlanError: the analysis measured tensors the model's GGUF does not have (another model's analysis).
         BudgetError: the budget is below the smallest file the policy allows (the message states that size).
     """
-    sources = read_source_tensors(inputs.source_gguf)
-    names = {s.name for s in sources}
+    names = {s.name for s in inputs.sources}
     foreign = [t.name for t in inputs.analysis.tensors if t.name not in names]
     if foreign:
         raise PlanError(f"the analysis measured tensors this model does not have (e.g. {foreign[:3]}): "
                         f"it belongs to another model; re-run `dq analyze` on {inputs.model_dir}")
-    header = header_size(inputs.source_gguf, imatrix=inputs.imatrix,
-                         imatrix_name=inputs.imatrix_path.name if inputs.imatrix_path else None)
-    plan = allocate(inputs.analysis, sources, budget, header_bytes=header, policy=policy,
+    plan = allocate(inputs.analysis, inputs.sources, budget, header_bytes=inputs.header_bytes, policy=policy,
                     damage=inputs.damage, analysis_path=str(inputs.analysis_path))
     log.info("plan: %s bytes of %s budget, predicted mean KLD %.4g", f"{plan.total_bytes:,}", f"{budget:,}",
              plan.predicted_damage)

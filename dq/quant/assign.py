@@ -15,9 +15,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dq.errors import PlanError, UnknownFormatError
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, parse_format, tensor_nbytes
+
+if TYPE_CHECKING:
+    from dq.quant.gguf_header import GGUFHeader
 
 __all__ = ["TensorChoice", "TypeAssignment", "SourceTensor", "parse_tensor_type", "read_source_tensors", "assign_types"]
 
@@ -93,19 +97,18 @@ def parse_tensor_type(spec: str) -> tuple[str, QuantFormat]:
     return pattern, parse_format(type_name)
 
 
-def read_source_tensors(gguf_path: str | Path) -> list[SourceTensor]:
-    """Tensors of a GGUF file in file order (numpy shapes)."""
-    from gguf import GGUFReader
+def read_source_tensors(gguf: str | Path | GGUFHeader) -> list[SourceTensor]:
+    """Tensors of a GGUF file (or of its parsed header) in file order (numpy shapes)."""
+    from dq.quant.gguf_header import GGUFHeader, read_gguf_header
 
-    reader = GGUFReader(gguf_path)
+    header = gguf if isinstance(gguf, GGUFHeader) else read_gguf_header(gguf)
     out = []
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    for t in header.tensors:
         try:
-            fmt = parse_format(int(t.tensor_type))
+            fmt = parse_format(t.ggml_type)
         except UnknownFormatError as exc:
-            raise PlanError(f"{gguf_path}: tensor {t.name} has a type dq does not handle ({exc})") from None
-        out.append(SourceTensor(t.name, shape, fmt))
+            raise PlanError(f"{header.path}: tensor {t.name} has a type dq does not handle ({exc})") from None
+        out.append(SourceTensor(t.name, t.shape, fmt))
     return out
 
 

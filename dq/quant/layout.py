@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 import dq
 from dq.errors import PlanError
 from dq.quant import gguf_keys as K
 from dq.quant.assign import TypeAssignment
 from dq.quant.formats import QuantFormat
-from dq.quant.gguf_writer import DEFAULT_ALIGNMENT, GGUFFileWriter
+from dq.quant.gguf_header import GGUFHeader, read_gguf_header
+from dq.quant.gguf_writer import GGUFFileWriter
 from dq.quant.imatrix import Imatrix
 
 __all__ = ["file_type_for", "build_writer", "open_source", "predict_size", "header_size"]
@@ -46,15 +45,12 @@ def file_type_for(assignment: TypeAssignment, preset_ftype: int | None = None) -
     return _FTYPE.get(top, 1024)  # LLAMA_FTYPE_GUESSED
 
 
-def build_writer(src_reader, assignment: TypeAssignment, imatrix: Imatrix | None,
-                  imatrix_name: str | None, preset_ftype: int | None) -> GGUFFileWriter:
-    align_field = src_reader.fields.get(K.GENERAL_ALIGNMENT)
-    alignment = int(align_field.contents()) if align_field is not None else DEFAULT_ALIGNMENT
-    w = GGUFFileWriter(alignment=alignment)
-    for key, field in src_reader.fields.items():
-        if key.startswith("GGUF."):  # gguf-py's pseudo-fields for the file header
-            continue
-        w.add_raw_kv(key, b"".join(np.asarray(p).tobytes() for p in field.parts))
+def build_writer(src: GGUFHeader, assignment: TypeAssignment, imatrix: Imatrix | None,
+                 imatrix_name: str | None, preset_ftype: int | None) -> GGUFFileWriter:
+    """The quantized file's header: ``src``'s KV pairs byte for byte, the quantization keys, the tensor table."""
+    w = GGUFFileWriter(alignment=src.alignment)
+    for key, raw in src.kv.items():
+        w.add_raw_kv(key, raw)
     w.add_uint32(K.GENERAL_QUANTIZATION_VERSION, K.QUANTIZATION_VERSION)
     w.add_uint32(K.GENERAL_FILE_TYPE, file_type_for(assignment, preset_ftype))
     w.add_string(K.DQ_VERSION, dq.__version__)
@@ -69,28 +65,26 @@ def build_writer(src_reader, assignment: TypeAssignment, imatrix: Imatrix | None
     return w
 
 
-def open_source(src: str | Path, assignment: TypeAssignment):
-    from gguf import GGUFReader
-
-    reader = GGUFReader(src)
-    names = [t.name for t in reader.tensors]
-    if names != [c.name for c in assignment.choices]:
-        raise PlanError(f"the type assignment does not match the tensors of {src}; rebuild it for this file")
-    return reader
+def open_source(src: str | Path | GGUFHeader, assignment: TypeAssignment) -> GGUFHeader:
+    """``src``'s header, checked against ``assignment``'s tensor list."""
+    header = src if isinstance(src, GGUFHeader) else read_gguf_header(src)
+    if [t.name for t in header.tensors] != [c.name for c in assignment.choices]:
+        raise PlanError(f"the type assignment does not match the tensors of {header.path}; rebuild it for this file")
+    return header
 
 
-def predict_size(src: str | Path, assignment: TypeAssignment, *, imatrix: Imatrix | None = None,
+def predict_size(src: str | Path | GGUFHeader, assignment: TypeAssignment, *, imatrix: Imatrix | None = None,
                  imatrix_name: str | None = None, preset_ftype: int | None = None) -> int:
     """Exact size in bytes of the file :func:`quantize_gguf` would write with the same arguments."""
     reader = open_source(src, assignment)
     return build_writer(reader, assignment, imatrix, imatrix_name, preset_ftype).total_size()
 
 
-def header_size(src: str | Path, *, imatrix: Imatrix | None = None, imatrix_name: str | None = None) -> int:
+def header_size(src: str | Path | GGUFHeader, *, imatrix: Imatrix | None = None, imatrix_name: str | None = None) -> int:
     """Exact size of the (padded) header :func:`quantize_gguf` writes for ``src``; it does not depend on
     the tensor types, so a planner can price tensors separately."""
     from dq.quant.assign import assign_types, read_source_tensors
 
-    kept = assign_types(read_source_tensors(src))
-    reader = open_source(src, kept)
-    return len(build_writer(reader, kept, imatrix, imatrix_name, None).header_bytes())
+    header = src if isinstance(src, GGUFHeader) else read_gguf_header(src)
+    kept = assign_types(read_source_tensors(header))
+    return len(build_writer(header, kept, imatrix, imatrix_name, None).header_bytes())
