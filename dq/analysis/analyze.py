@@ -66,6 +66,7 @@ from dq.analysis.measure import (
 )
 from dq.analysis.names import NameMapper
 from dq.analysis.roles import TensorRole, classify, layer_index
+from dq.analysis.splits import split_of
 from dq.analysis.stream import (
     embed,
     final_hidden,
@@ -235,12 +236,18 @@ def _measure_params(sk: ModelSkeleton, names: list[str], mapper: NameMapper, ima
                     opt: AnalyzeOptions, found: Found) -> None:
     for n in names:
         mod_path, _, pname = n.rpartition(".")
+        if mod_path in expert_modules and pname.endswith("_bias"):
+            continue  # expert biases (gpt-oss) are stored as they are
         if mod_path in expert_modules and pname in ("gate_up_proj", "down_proj", "gate_proj", "up_proj"):
             if pname in ("gate_up_proj", "gate_proj"):
                 _measure_experts(sk, mod_path, expert_modules[mod_path], imatrix, grads, opt, found)
             continue
         p = sk.module_param(n).detach()
         gname = mapper.gguf_name(n)
+        parts = split_of(mapper.arch_name, gname, sk.text_config) if p.ndim == 2 else None
+        if parts is not None:
+            _measure_split(p, n, parts, grads.get(gname), opt, found)
+            continue
         errors = ()
         if p.ndim == 2:
             rec = grads.get(gname)
@@ -252,6 +259,27 @@ def _measure_params(sk: ModelSkeleton, names: list[str], mapper: NameMapper, ima
         found.tensors.append(TensorMeasurement(
             name=gname, hf_name=n, role=classify(gname), layer=layer_index(gname), shape=tuple(p.shape),
             errors=errors, max_abs=float(p.abs().max()) if p.numel() else 0.0,
+        ))
+
+
+def _measure_split(p: torch.Tensor, hf_name: str, parts, rec: TensorGrads | None, opt: AnalyzeOptions,
+                   found: Found) -> None:
+    """A weight the converter reshapes into several GGUF tensors (:mod:`dq.analysis.splits`): each part is
+    measured as llama.cpp stores it, from the same reshape of the weight and of every probe gradient."""
+    w = p.float().cpu().numpy()
+    probes = rec.grads[0] if rec is not None else []
+    for part in parts:
+        mats = part.take(w)
+        g = np.stack([part.take(gr) for gr in probes], axis=1) if probes else None  # [matrices, probes, r, c]
+        subsets = row_subsets(mats.shape[0], mats.shape[1], mats.shape[2], opt.max_elements, opt.seed)
+        inputs = [MatrixInput(mats[e], None, None,
+                              None if g is None else (g[e] if rows is None else g[e][:, rows]))
+                  for e, rows in enumerate(subsets)]
+        errors = measure_tensor(inputs, part.shape, opt.candidates, n_threads=opt.n_threads, device=opt.device,
+                                subsets=subsets)
+        found.tensors.append(TensorMeasurement(
+            name=part.name, hf_name=hf_name, role=classify(part.name), layer=layer_index(part.name),
+            shape=part.shape, errors=errors, max_abs=float(np.abs(mats).max()) if mats.size else 0.0,
         ))
 
 
@@ -290,8 +318,10 @@ def _order_key(t: TensorMeasurement) -> tuple:
     return (0 if t.role is TensorRole.EMBEDDING else 2, 0, t.name)
 
 
-def _subsets(opt: AnalyzeOptions):
-    def fn(n_mats: int, rows: int, cols: int) -> list[np.ndarray | None]:
+def _subsets(opt: AnalyzeOptions, mapper: NameMapper, config):
+    def fn(name: str, n_mats: int, rows: int, cols: int) -> list[np.ndarray | None]:
+        if split_of(mapper.arch_name, name, config) is not None:
+            return [None] * n_mats  # reshaped by the converter: the gradient is re-laid-out whole
         return row_subsets(n_mats, rows, cols, opt.max_elements, opt.seed)
     return fn
 
@@ -337,7 +367,7 @@ def _backward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, laye
         names = sk.load(prefix)
         try:
             block = sk.module(prefix)
-            with BlockGradients(block, prefix, mapper, _subsets(opt), sampled) as bg:
+            with BlockGradients(block, prefix, mapper, _subsets(opt, mapper, sk.text_config), sampled) as bg:
                 g = backward_block(sk, i, saved["hidden"], g, layer_args, bg, opt.seq_len)
             t1 = time.time()
             times["backward_gradients"] = times.get("backward_gradients", 0.0) + t1 - t0

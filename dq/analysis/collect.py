@@ -10,12 +10,11 @@ Transformers-5 MoE layers hold their experts as fused 3-D parameters (``gate_up_
 ``down_proj [E, H, I]``) inside one module called as ``experts(hidden, top_k_index, top_k_weights)``.
 A pre-hook on that module sees the routing, so each expert counts only the tokens routed to it; its
 down-projection inputs ``act(x Wg^T) * (x Wu^T)`` are recomputed from the expert's own weights (the
-same arithmetic as the module's eager forward), which works whatever kernel the module dispatches to.
+same arithmetic as the module's eager forward, biases and gpt-oss's gating included: :func:`expert_forward`), which works whatever kernel the module dispatches to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +25,7 @@ from dq.analysis.names import NameMapper
 from dq.analysis.roles import TensorRole, classify
 
 __all__ = ["TensorStats", "BlockCollector", "is_linear_like", "expert_params", "expert_modules", "split_gate_up",
-           "down_weight", "call_input"]
+           "down_weight", "expert_biases", "gating", "expert_forward", "call_input"]
 
 _DOWN_ROLES = (TensorRole.FFN_DOWN, TensorRole.SHARED_DOWN, TensorRole.EXPERT_DOWN)
 
@@ -124,11 +123,15 @@ def expert_modules(block: nn.Module, block_path: str, mapper: NameMapper) -> dic
 
 
 def split_gate_up(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert ``e``'s gate and up weights as ``[I, H]`` (out, in)."""
+    """Expert ``e``'s gate and up weights as ``[I, H]`` (out, in), as llama.cpp's converter splits them:
+    halves of ``gate_up_proj`` (Mixtral, Qwen-MoE, DeepSeek) or its interleaved rows (gpt-oss,
+    ``is_concatenated=False``: gate = rows 0, 2, 4, ...)."""
     transposed = bool(getattr(mod, "is_transposed", False))
     if "gate_up_proj" in p:
         gu = p["gate_up_proj"][e]
         gu = gu.T if transposed else gu
+        if not getattr(mod, "is_concatenated", True):
+            return gu[0::2], gu[1::2]
         inter = gu.shape[0] // 2
         return gu[:inter], gu[inter:]  # Mixtral/Qwen-MoE layout: .chunk(2, dim=-1) of the output
     g, u = p["gate_proj"][e], p["up_proj"][e]
@@ -138,6 +141,42 @@ def split_gate_up(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> tuple[t
 def down_weight(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> torch.Tensor:
     d = p["down_proj"][e]
     return d.T if bool(getattr(mod, "is_transposed", False)) else d
+
+
+def expert_biases(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> tuple:
+    """Expert ``e``'s gate, up and down biases (gpt-oss), else ``(None, None, None)``."""
+    if "gate_up_proj_bias" not in p:
+        return None, None, None
+    gu = p["gate_up_proj_bias"][e]
+    if not getattr(mod, "is_concatenated", True):
+        bg, bu = gu[0::2], gu[1::2]
+    else:
+        bg, bu = gu.chunk(2)
+    return bg, bu, p.get("down_proj_bias", [None] * (e + 1))[e]
+
+
+def gating(mod: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The experts module's own gating of gate outputs ``a`` and up outputs ``b``: ``act(a) * b``, or the
+    module's ``_apply_gate`` on the interleaved pair (gpt-oss: clamped, ``(up + 1) * gate * sigmoid(alpha gate)``)."""
+    if hasattr(mod, "_apply_gate"):
+        gu = torch.stack([a, b], dim=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+        return mod._apply_gate(gu)
+    return mod.act_fn(a) * b
+
+
+def expert_forward(mod: nn.Module, p: dict[str, torch.Tensor], e: int, x: torch.Tensor):
+    """``(gate out, up out, down in, down out)`` of expert ``e`` on inputs ``x [t, H]`` (float32)."""
+    wg, wu = split_gate_up(mod, p, e)
+    bg, bu, bd = expert_biases(mod, p, e)
+    a = x @ wg.float().T
+    b = x @ wu.float().T
+    if bg is not None:
+        a, b = a + bg.float(), b + bu.float()
+    h = gating(mod, a, b)
+    y = h @ down_weight(mod, p, e).float().T
+    if bd is not None:
+        y = y + bd.float()
+    return a, b, h, y
 
 
 def call_input(args: tuple, kwargs: dict, key: str) -> torch.Tensor:
@@ -220,7 +259,6 @@ class BlockCollector:
                            expert="down")
         self.stats.update({names.gate: gate, names.up: up, names.down: down})
         self.experts[path] = (names.gate, names.up, names.down)
-        act: Callable[[torch.Tensor], torch.Tensor] = mod.act_fn
 
         def pre_hook(module, args, kwargs):
             x = call_input(args, kwargs, "hidden_states")
@@ -237,9 +275,7 @@ class BlockCollector:
                     ide = ids[rows.cpu().numpy()]
                     gate.add(e, xe, ide, self.sampled)
                     up.add(e, xe, ide, self.sampled)
-                    wg, wu = split_gate_up(module, p, e)
-                    h = act(xe @ wg.float().T) * (xe @ wu.float().T)
-                    y = h @ down_weight(module, p, e).float().T
+                    _, _, h, y = expert_forward(module, p, e, xe)
                     down.add(e, h, ide, self.sampled, y)
             return None
 

@@ -41,7 +41,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dq.analysis.collect import call_input, down_weight, expert_params, is_linear_like, split_gate_up
+from dq.analysis.collect import (
+    call_input,
+    down_weight,
+    expert_forward,
+    expert_params,
+    gating,
+    is_linear_like,
+    split_gate_up,
+)
 from dq.analysis.loader import ModelSkeleton
 from dq.analysis.names import NameMapper
 
@@ -119,12 +127,13 @@ class BlockGradients:
         block: the decoder layer.
         block_path: its module path.
         mapper: HF -> GGUF names.
-        subsets: GGUF name -> ``(n_mats, rows, cols) -> row subsets``: the measured rows of each matrix.
+        subsets: ``(gguf name, n_mats, rows, cols) -> row subsets``: the measured rows of each matrix (None:
+            all rows, e.g. for a tensor the converter reshapes, :mod:`dq.analysis.splits`).
         sampled: boolean mask over all probe tokens: whose inputs to keep for activation error.
     """
 
     def __init__(self, block: nn.Module, block_path: str, mapper: NameMapper,
-                 subsets: Callable[[int, int, int], list[np.ndarray | None]], sampled: np.ndarray) -> None:
+                 subsets: Callable[[str, int, int, int], list[np.ndarray | None]], sampled: np.ndarray) -> None:
         self.block = block
         self.block_path = block_path
         self.mapper = mapper
@@ -164,7 +173,7 @@ class BlockGradients:
     def _install_linear(self, path: str, mod: nn.Module) -> None:
         name = self.mapper.gguf_name(f"{path}.weight")
         out_f, in_f = (int(d) for d in mod.weight.shape)
-        rec = TensorGrads(name, self._subsets(1, out_f, in_f))
+        rec = TensorGrads(name, self._subsets(name, 1, out_f, in_f))
         self.grads[name] = rec
 
         def hook(module, args, kwargs, output):
@@ -187,11 +196,10 @@ class BlockGradients:
         g0, _ = split_gate_up(mod, p, 0)
         inter, hidden = (int(d) for d in g0.shape)
         out_f = int(down_weight(mod, p, 0).shape[0])
-        gate = TensorGrads(names.gate, self._subsets(n_exp, inter, hidden))
-        up = TensorGrads(names.up, self._subsets(n_exp, inter, hidden))
-        down = TensorGrads(names.down, self._subsets(n_exp, out_f, inter))
+        gate = TensorGrads(names.gate, self._subsets(names.gate, n_exp, inter, hidden))
+        up = TensorGrads(names.up, self._subsets(names.up, n_exp, inter, hidden))
+        down = TensorGrads(names.down, self._subsets(names.down, n_exp, out_f, inter))
         self.grads.update({names.gate: gate, names.up: up, names.down: down})
-        act = mod.act_fn
         routed: list = []
 
         def pre_hook(module, args, kwargs):
@@ -208,14 +216,14 @@ class BlockGradients:
             keep = self._keep(x.shape[0])
             box: list = []
             y.register_hook(lambda g: box.append(g.detach().reshape(-1, y.shape[-1]).float()))
-            self._pending.append(lambda: self._expert_grads(module, p, act, x, idx, w, keep, box[0],
+            self._pending.append(lambda: self._expert_grads(module, p, x, idx, w, keep, box[0],
                                                             (gate, up, down)) if box else None)
 
         self._handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
         self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
 
     @staticmethod
-    def _expert_grads(mod, p, act, x, idx, w, keep, g_out, recs) -> None:
+    def _expert_grads(mod, p, x, idx, w, keep, g_out, recs) -> None:
         """Each expert's gate/up/down weight gradients from the tokens routed to it.
 
         The experts module returns ``sum_k w_k down_e(act(gate_e x) * up_e x)`` over the token's chosen
@@ -232,12 +240,11 @@ class BlockGradients:
                 continue
             xe = x[rows]
             we = (w[rows] * hit[rows]).sum(-1, keepdim=True)
-            wg, wu = split_gate_up(mod, p, e)
+            a, b, _, _ = expert_forward(mod, p, e, xe)
             wd = down_weight(mod, p, e).float()
             with torch.enable_grad():
-                a = (xe @ wg.float().T).requires_grad_(True)
-                b = (xe @ wu.float().T).requires_grad_(True)
-                h = act(a) * b
+                a, b = a.requires_grad_(True), b.requires_grad_(True)
+                h = gating(mod, a, b)
                 g_y = we * g_out[rows]
                 g_a, g_b = torch.autograd.grad(h, (a, b), g_y @ wd)
             h = h.detach()

@@ -345,7 +345,25 @@ class ModelSkeleton:
             p = self.module_param(n)
             if p.dtype != torch.float32 and p.is_floating_point():
                 self._set_param(n, p.detach().float())
+        self._load_buffers(prefixes, exclude)
         return names
+
+    def _load_buffers(self, prefixes: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+        """Persistent buffers the checkpoint holds (DeepSeek-V3's ``e_score_correction_bias``, which picks the
+        experts): the skeleton's buffers are real but hold their initial values until read from it."""
+        for name, buf in self.model.named_buffers():
+            if not any(name.startswith(p + ".") for p in prefixes) or any(name.startswith(e + ".") for e in exclude):
+                continue
+            keys = self._targets.get(name)
+            if not keys or len(keys) != 1:
+                continue
+            value = self._handles[self._key_file[keys[0]]].read(keys[0])
+            if tuple(value.shape) != tuple(buf.shape):
+                raise AnalysisError(f"checkpoint buffer {keys[0]} has shape {tuple(value.shape)}, the model's {name} "
+                                    f"{tuple(buf.shape)}: config.json does not match the weights")
+            mod_path, _, bname = name.rpartition(".")
+            dtype = torch.float32 if buf.is_floating_point() else buf.dtype
+            self.module(mod_path)._buffers[bname] = value.to(device=self.device, dtype=dtype)
 
     def _tie(self, missing: list[str]) -> set[str]:
         """Tied output embeddings: take the input embedding's weight."""

@@ -90,6 +90,9 @@ class NameMapper:
             got = self._map.get_name(canon)
             if got is not None:
                 return f"{got}.{suffix}"
+            whole = self._map.get_name(f"{canon}.{suffix}")
+            if whole is not None:  # a bare parameter (gpt-oss's attention sinks): the converter adds .weight
+                return f"{whole}.weight"
             log.debug("no GGUF name for %s", param)
             return param
         bare = re.sub(r"^model\.", "", mod)

@@ -21,6 +21,11 @@ class TensorRole(str, Enum):
     ATTN_V = "attn_v"
     ATTN_QKV = "attn_qkv"
     ATTN_OUTPUT = "attn_output"
+    ATTN_Q_A = "attn_q_a"  # MLA (DeepSeek-V2/V3): low-rank query down-projection
+    ATTN_Q_B = "attn_q_b"  # MLA: query up-projection
+    ATTN_KV_A = "attn_kv_a"  # MLA: joint key/value down-projection (with the rope key)
+    ATTN_K_B = "attn_k_b"  # MLA: per-head key up-projection (absorbed into the query in llama.cpp)
+    ATTN_V_B = "attn_v_b"  # MLA: per-head value up-projection
     FFN_GATE = "ffn_gate"
     FFN_UP = "ffn_up"
     FFN_DOWN = "ffn_down"
@@ -54,6 +59,11 @@ _RULES: tuple[tuple[str, TensorRole], ...] = (
     (r"\.ffn_up_shexp\.", TensorRole.SHARED_UP),
     (r"\.ffn_down_shexp\.", TensorRole.SHARED_DOWN),
     (r"\.attn_qkv\.", TensorRole.ATTN_QKV),
+    (r"\.attn_q_a\.", TensorRole.ATTN_Q_A),
+    (r"\.attn_q_b\.", TensorRole.ATTN_Q_B),
+    (r"\.attn_kv_a_mqa\.", TensorRole.ATTN_KV_A),
+    (r"\.attn_k_b\.", TensorRole.ATTN_K_B),
+    (r"\.attn_v_b\.", TensorRole.ATTN_V_B),
     (r"\.attn_q\.", TensorRole.ATTN_Q),
     (r"\.attn_k\.", TensorRole.ATTN_K),
     (r"\.attn_v\.", TensorRole.ATTN_V),
@@ -101,6 +111,9 @@ _MODULE_RULES: tuple[tuple[str, TensorRole], ...] = (
     (r"\.shared_experts?\.down_proj$", TensorRole.SHARED_DOWN),
     (r"\.(gate|router)$", TensorRole.ROUTER),
     (r"\.(qkv_proj|query_key_value|c_attn)$", TensorRole.ATTN_QKV),
+    (r"\.q_a_proj$", TensorRole.ATTN_Q_A),
+    (r"\.q_b_proj$", TensorRole.ATTN_Q_B),
+    (r"\.kv_a_proj_with_mqa$", TensorRole.ATTN_KV_A),
     (r"\.q_proj$", TensorRole.ATTN_Q),
     (r"\.k_proj$", TensorRole.ATTN_K),
     (r"\.v_proj$", TensorRole.ATTN_V),

@@ -60,14 +60,20 @@ def build_items(
     policy: Policy,
     damage: DamageModel,
     alignment: int = DEFAULT_ALIGNMENT,
+    imatrix_names: frozenset[str] | None = None,
 ) -> tuple[list[Item], list[SourceTensor]]:
-    """Knapsack items for the quantizable tensors, and the tensors kept as they are."""
+    """Knapsack items for the quantizable tensors, and the tensors kept as they are.
+
+    With ``imatrix_names`` (the tensors the imatrix covers), types that need an imatrix are offered only to
+    those tensors: llama.cpp refuses to write them without one (the embedding, MLA's attn_k_b/attn_v_b).
+    """
     super_tensors = {s.tensor for s in analysis.super_weights
                      if s.ablation_ppl_ratio is None or s.ablation_ppl_ratio >= policy.super_weight_min_ppl_ratio}
     items, kept = [], []
     for src in sources:
         role = classify(src.name)
-        if len(src.shape) < 2 or Policy.kept(role):
+        # llama.cpp quantizes only 2-D and 3-D tensors whose name ends in "weight" (expert biases stay)
+        if len(src.shape) < 2 or not src.name.endswith("weight") or Policy.kept(role):
             kept.append(src)
             continue
         holds_sw = src.name in super_tensors
@@ -76,6 +82,8 @@ def build_items(
         opts = []
         for fmt in allowed:
             stored = fmt if FORMATS[fmt].is_float else effective_format(fmt, src.shape)
+            if imatrix_names is not None and FORMATS[stored].needs_imatrix and src.name not in imatrix_names:
+                continue
             if FORMATS[fmt].is_float:
                 d = 0.0
             else:
@@ -145,6 +153,7 @@ def allocate(
     damage: DamageModel | None = None,
     alignment: int = DEFAULT_ALIGNMENT,
     analysis_path: str | None = None,
+    imatrix_names: frozenset[str] | None = None,
 ) -> QuantPlan:
     """Choose every tensor's type so the whole GGUF is at most ``budget_bytes`` and predicted KLD is least.
 
@@ -155,13 +164,14 @@ def allocate(
         header_bytes: exact size of the GGUF header (see ``dq.quant.layout.header_size``).
         policy: per-role floors (default :class:`Policy`).
         damage: the damage model (default: the analysis's own, :meth:`DamageModel.from_analysis`).
+        imatrix_names: tensors the imatrix covers (None: offer every type to every tensor).
 
     Raises:
         BudgetError: the budget is below the smallest achievable file; the message states that size.
     """
     policy = policy or Policy()
     damage = damage or DamageModel.from_analysis(analysis)
-    items, kept = build_items(analysis, sources, policy, damage, alignment)
+    items, kept = build_items(analysis, sources, policy, damage, alignment, imatrix_names)
     fixed = header_bytes + sum(padded_size(tensor_nbytes(s.fmt, s.shape), alignment) for s in kept)
     smallest = fixed + sum(min(o.nbytes for o in it.options) for it in items)
     if budget_bytes < smallest:

@@ -112,7 +112,8 @@ def make_plan(
         raise PlanError(f"the analysis measured tensors this model does not have (e.g. {foreign[:3]}): "
                         f"it belongs to another model; re-run `dq analyze` on {inputs.model_dir}")
     plan = allocate(inputs.analysis, inputs.sources, budget, header_bytes=inputs.header_bytes, policy=policy,
-                    damage=inputs.damage, analysis_path=str(inputs.analysis_path))
+                    damage=inputs.damage, analysis_path=str(inputs.analysis_path),
+                    imatrix_names=frozenset(inputs.imatrix.entries) if inputs.imatrix is not None else frozenset())
     log.info("plan: %s bytes of %s budget, predicted mean KLD %.4g", f"{plan.total_bytes:,}", f"{budget:,}",
              plan.predicted_damage)
     return plan

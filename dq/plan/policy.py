@@ -40,6 +40,12 @@ DEFAULT_ROLE_FLOORS: dict[TensorRole, QuantFormat] = {
     _R.ATTN_V: _Q.Q2_K,
     _R.ATTN_QKV: _Q.Q2_K,
     _R.ATTN_OUTPUT: _Q.IQ2_XXS,
+    # MLA: small, and every head's keys and values pass through them (Unsloth keeps them at 4-6 bits)
+    _R.ATTN_Q_A: _Q.Q4_K,
+    _R.ATTN_Q_B: _Q.Q4_K,
+    _R.ATTN_KV_A: _Q.Q4_K,
+    _R.ATTN_K_B: _Q.Q4_K,
+    _R.ATTN_V_B: _Q.Q4_K,
     _R.FFN_GATE: _Q.IQ1_S,
     _R.FFN_UP: _Q.IQ1_S,
     _R.FFN_DOWN: _Q.IQ1_S,
