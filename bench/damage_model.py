@@ -9,8 +9,8 @@ For each model: its `dq analyze` (reused from ``OUT/analysis/<model>``), then
 
 quantizes each (llama.cpp's quantizers through dq, with a tensor cache), and compares the damage model's
 prediction (the sum of the analysis's per-tensor ``kld``) with the mean KLD that llama.cpp measures
-against the BF16 GGUF on held-out Wikipedia. Prints a table, writes ``OUT/damage_model.json``, ``.md`` and
-a scatter plot ``.png``: Spearman rho, median relative error, and the power law ``measured = a *
+against the BF16 GGUF on held-out Wikipedia. Prints a table, writes ``bench/results/damage_model_<model>``
+``.json``, ``.md`` and a scatter plot ``.png``: Spearman rho, median relative error, and the power law ``measured = a *
 predicted^b`` fitted in log space (b = 1, a = 1 is the model as it stands).
 
     python bench/damage_model.py --models smollm2-135m qwen2.5-coder-1.5b --plans 24 --chunks 8
@@ -176,6 +176,17 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write(rows: list[dict], results: Path, argv: str) -> None:
+    """Table, JSON and scatter plot of one model's rows: ``results/damage_model_<model>.*``."""
+    summary = summarize(rows)
+    text = table(rows, summary)
+    print(text)
+    stem = results / f"damage_model_{rows[0]['model']}"
+    stem.with_suffix(".json").write_text(json.dumps({"command": argv, "summary": summary, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(f"# Damage model vs measured KLD: {rows[0]['model']}\n\n`{argv}`\n\n{text}\n")
+    plot(rows, summary, stem.with_suffix(".png"))
+
+
 def main() -> None:
     from dq.cache import cache_dir
 
@@ -186,23 +197,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="analyses, tensor cache, GGUFs (default $DQ_CACHE/bench)")
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="only re-render the table and plot of a JSON this script wrote")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    work = args.work or cache_dir() / "bench"
     args.results.mkdir(parents=True, exist_ok=True)
-    rows = []
+    if args.render is not None:
+        doc = json.loads(args.render.read_text())
+        write(doc["rows"], args.results, doc["command"])
+        return
+    work = args.work or cache_dir() / "bench"
     for m in args.models:
-        rows += run_model(m, work, args.plans, args.chunks, args.seed)
-    summary = summarize(rows)
-    text = table(rows, summary)
-    print(text)
-    stem = args.results / "damage_model"
-    stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(
-        "# Damage model vs measured KLD\n\n"
-        f"`python bench/damage_model.py --models {' '.join(args.models)} --plans {args.plans} --chunks {args.chunks}`"
-        "\n\n" + text + "\n")
-    plot(rows, summary, stem.with_suffix(".png"))
+        argv = f"python bench/damage_model.py --models {m} --plans {args.plans} --chunks {args.chunks}"
+        write(run_model(m, work, args.plans, args.chunks, args.seed), args.results, argv)
 
 
 if __name__ == "__main__":
