@@ -102,12 +102,36 @@ def _gpt_oss(vocab: int):
     return cfg, "GptOssForCausalLM"
 
 
+def _qwen2_vl(vocab: int):
+    from transformers import Qwen2VLConfig
+
+    # a vision-language model: a Qwen2 text model (M-RoPE) and a ViT tower + merger, which llama.cpp runs
+    # from two files (text GGUF + mmproj GGUF); vision depth >= 3 so the converter's merger map applies
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=_H, intermediate_size=_I, num_hidden_layers=2,
+                         num_attention_heads=_HEADS, num_key_value_heads=_KV, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e4},
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(depth=3, embed_dim=_H, hidden_size=_H, num_heads=_HEADS, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4, tie_word_embeddings=False)
+    return cfg, "Qwen2VLForConditionalGeneration"
+
+
 ARCHITECTURES: dict[str, Callable[[int], tuple[Any, str]]] = {
     "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "gemma3": _gemma3, "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "gpt_oss": _gpt_oss,
+    "qwen2_vl": _qwen2_vl,
 }
 # llama.cpp's converter reads these only as BPE (gpt2) vocabularies with a pre-tokenizer it knows
-BPE_ONLY = frozenset({"qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"})
+BPE_ONLY = frozenset({"qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "qwen2_vl"})
+# Qwen2-VL's image processor settings, which the mmproj converter records
+_QWEN2_VL_PREPROCESSOR = {
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
+    "image_processor_type": "Qwen2VLImageProcessor",
+}
 
 _BPE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -126,7 +150,7 @@ def tiny_arch(arch: str, out_dir: str | Path, *, bpe_tokenizer_dir: str | Path |
         ValueError: unknown ``arch``, or a BPE-only one without ``bpe_tokenizer_dir``.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from dq.testing import train_sentencepiece
 
@@ -151,7 +175,8 @@ def tiny_arch(arch: str, out_dir: str | Path, *, bpe_tokenizer_dir: str | Path |
     cfg, architecture = ARCHITECTURES[arch](vocab)
     cfg.architectures = [architecture]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    auto = AutoModelForImageTextToText if arch == "qwen2_vl" else AutoModelForCausalLM
+    model = auto.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
@@ -159,4 +184,6 @@ def tiny_arch(arch: str, out_dir: str | Path, *, bpe_tokenizer_dir: str | Path |
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
     model.to(torch.bfloat16).save_pretrained(out_dir)
+    if arch == "qwen2_vl":
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(_QWEN2_VL_PREPROCESSOR))
     return out_dir

@@ -25,6 +25,14 @@ OPTS = dict(n_tokens=512, seq_len=128, grad_tokens=256, act_tokens=64, ablation_
             candidates=("Q8_0", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_S"))
 
 
+def _hf_model(model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    vlm = getattr(AutoConfig.from_pretrained(model_dir), "vision_config", None) is not None
+    auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+    return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def _round_trip(w: np.ndarray, fmt, im: np.ndarray | None) -> np.ndarray:
     from dq.quant import libggml
     from dq.quant.formats import FORMATS
@@ -38,14 +46,12 @@ def _round_trip(w: np.ndarray, fmt, im: np.ndarray | None) -> np.ndarray:
 
 def _quantized_hf_model(model_dir, gguf_path, analysis, imatrix):
     """The HF model with each weight replaced by its round trip at the type ``gguf_path`` stores it in."""
-    from transformers import AutoModelForCausalLM
-
     from dq.analysis.collect import expert_params, split_gate_up
     from dq.analysis.splits import split_of
     from dq.quant.formats import parse_format
     from dq.quant.gguf_header import read_gguf_header
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = _hf_model(model_dir)
     stored = {t.name: parse_format(t.ggml_type) for t in read_gguf_header(gguf_path).tensors}
     params = dict(model.named_parameters())
     mods = dict(model.named_modules())
@@ -58,6 +64,8 @@ def _quantized_hf_model(model_dir, gguf_path, analysis, imatrix):
     for t in analysis.tensors:
         if not t.errors or t.hf_name in done and not t.name.endswith("_exps.weight"):
             continue
+        if t.role.value in ("vision", "projector"):
+            continue  # the mmproj file's: no part of the text logits
         p = params.get(t.hf_name)
         if p is None:
             continue
@@ -99,27 +107,33 @@ def _quantized_hf_model(model_dir, gguf_path, analysis, imatrix):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_architecture_end_to_end(arch, smollm2_dir, tmp_path):
     import llama_cpp
-    from transformers import AutoModelForCausalLM
 
     from dq.analysis.analyze import AnalyzeOptions, analyze
-    from dq.export.gguf_quantize import quantize_gguf
+    from dq.export.plan_files import write_plan_files
     from dq.plan.planner import load_plan_inputs, make_plan
-    from dq.quant.assign import assign_types
     from dq.testing_archs import tiny_arch
 
     model_dir = tiny_arch(arch, tmp_path / arch, bpe_tokenizer_dir=smollm2_dir if arch in BPE_ONLY else None)
     analysis = analyze(model_dir, tmp_path / "analysis", AnalyzeOptions(**OPTS))
     inputs = load_plan_inputs(tmp_path / "analysis")
-    q8 = sum(math.ceil(math.prod(s.shape) * 8.5 / 8) for s in inputs.sources if len(s.shape) >= 2)
+    q8 = sum(math.ceil(math.prod(s.shape) * 8.5 / 8) for s in inputs.sources if len(s.shape) >= 2
+             and s.name not in inputs.mmproj_names)
     try:
         make_plan(inputs, 1)
     except Exception as exc:  # the budget error states the smallest achievable file
         smallest = int(str(exc).split("policy: ")[1].split(" bytes")[0].replace(",", ""))
     plan = make_plan(inputs, smallest + (q8 - smallest) // 20)  # a low budget: 5% of the way to Q8_0
-    out = quantize_gguf(inputs.source_gguf, tmp_path / "q.gguf",
-                        assign_types(list(inputs.sources), explicit=plan.explicit_types()),
-                        imatrix=inputs.imatrix, imatrix_name=inputs.imatrix_path.name)
-    assert out.size == plan.total_bytes
+    files = write_plan_files(plan, inputs.source_gguf, inputs.mmproj_gguf, tmp_path / "q.gguf",
+                             imatrix=inputs.imatrix, imatrix_name=inputs.imatrix_path.name)
+    out = files[0]
+    assert sum(f.size for f in files) == plan.total_bytes
+    if arch == "qwen2_vl":  # text GGUF + mmproj GGUF, the vision tower at the policy's vision types
+        from gguf import GGUFReader
+
+        mm = {t.name: t.tensor_type.name for t in GGUFReader(files[1].path).tensors}
+        assert set(plan.mmproj) == set(mm) and "v.blk.0.attn_q.weight" in mm
+        assert all(mm[n] == plan.tensors[n].type.value for n in mm)
+        assert {mm[n] for n in mm if n.endswith("attn_q.weight")} <= {"BF16", "Q8_0"}
     low = [n for n, t in plan.tensors.items() if t.type.value in ("IQ1_S", "IQ2_XXS", "Q2_K")]
     assert low, "the budget should push some tensors to 2 bits or below"
 
@@ -130,7 +144,7 @@ def test_architecture_end_to_end(arch, smollm2_dir, tmp_path):
     ids = torch.tensor([TOKENS])
     with torch.no_grad():
         want = _quantized_hf_model(model_dir, out.path, analysis, inputs.imatrix)(ids).logits[0].double().numpy()
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits[0].double().numpy()
+        base = _hf_model(model_dir)(ids).logits[0].double().numpy()
     err, quant_effect = np.abs(got - want).mean(), np.abs(base - want).mean()
     print(f"{arch}: |llama.cpp - torch(Q(W))| {err:.4g}, |torch(W) - torch(Q(W))| {quant_effect:.4g}")
     assert err < 0.2 * quant_effect, (err, quant_effect)

@@ -271,15 +271,16 @@ def _measure_split(p: torch.Tensor, hf_name: str, parts, rec: TensorGrads | None
     for part in parts:
         mats = part.take(w)
         g = np.stack([part.take(gr) for gr in probes], axis=1) if probes else None  # [matrices, probes, r, c]
+        shape = part.shape or tuple(mats.shape[1:])  # () : one matrix, a 2-D GGUF tensor
         subsets = row_subsets(mats.shape[0], mats.shape[1], mats.shape[2], opt.max_elements, opt.seed)
         inputs = [MatrixInput(mats[e], None, None,
                               None if g is None else (g[e] if rows is None else g[e][:, rows]))
                   for e, rows in enumerate(subsets)]
-        errors = measure_tensor(inputs, part.shape, opt.candidates, n_threads=opt.n_threads, device=opt.device,
+        errors = measure_tensor(inputs, shape, opt.candidates, n_threads=opt.n_threads, device=opt.device,
                                 subsets=subsets)
         found.tensors.append(TensorMeasurement(
             name=part.name, hf_name=hf_name, role=classify(part.name), layer=layer_index(part.name),
-            shape=part.shape, errors=errors, max_abs=float(np.abs(mats).max()) if mats.size else 0.0,
+            shape=shape, errors=errors, max_abs=float(np.abs(mats).max()) if mats.size else 0.0,
         ))
 
 

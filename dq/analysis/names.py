@@ -25,7 +25,7 @@ GGUF_ARCH: dict[str, str] = {
     "qwen2": "QWEN2", "qwen2_moe": "QWEN2MOE", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE",
     "gemma": "GEMMA", "gemma2": "GEMMA2", "gemma3": "GEMMA3", "gemma3_text": "GEMMA3",
     "phi3": "PHI3", "olmo": "OLMO", "olmo2": "OLMO2", "olmoe": "OLMOE", "smollm3": "SMOLLM3",
-    "qwen2_vl": "QWEN2VL", "qwen2_5_vl": "QWEN2VL", "starcoder2": "STARCODER2", "stablelm": "STABLELM",
+    "qwen2_vl": "QWEN2VL", "qwen2_5_vl": "QWEN2VL", "qwen2_vl_text": "QWEN2VL", "qwen2_5_vl_text": "QWEN2VL", "starcoder2": "STARCODER2", "stablelm": "STABLELM",
     "deepseek_v2": "DEEPSEEK2", "deepseek_v3": "DEEPSEEK2", "gpt_oss": "GPT_OSS", "granitemoe": "GRANITE_MOE",
 }
 

@@ -30,7 +30,7 @@ class SplitPart:
     """One GGUF tensor cut from a Hugging Face matrix: its name, GGUF (numpy) shape and the reshape."""
 
     name: str
-    shape: tuple[int, ...]  # [matrices, rows, cols]
+    shape: tuple[int, ...]  # [matrices, rows, cols]; () for a part that is one 2-D matrix
     take: Callable[[np.ndarray], np.ndarray]  # HF [out, in] -> [matrices, rows, cols]
 
 
@@ -48,14 +48,27 @@ def _mla_kv_b(name: str, config) -> list[SplitPart]:
             SplitPart(name.replace("attn_kv_b", "attn_v_b"), (h, v, lora), v_b)]
 
 
-_SPLITS: dict[tuple[str, str], Callable] = {
+def _vision_qkv(name: str, config) -> list[SplitPart] | None:
+    # mmproj converters (Qwen2-VL's, ``QwenVLModel.modify_tensors``) split a fused vision qkv into thirds
+    def part(i: int, tag: str) -> SplitPart:
+        def take(w: np.ndarray) -> np.ndarray:
+            c = w.shape[0] // 3
+            return np.ascontiguousarray(w[i * c : (i + 1) * c])[None]
+        return SplitPart(name.replace("attn_qkv", tag), (), take)
+
+    return [part(0, "attn_q"), part(1, "attn_k"), part(2, "attn_v")]
+
+
+_SPLITS: dict[tuple[str | None, str], Callable] = {
     ("deepseek2", "attn_kv_b"): _mla_kv_b,
+    (None, "attn_qkv"): _vision_qkv,  # vision towers (v.*), any architecture
 }
 
 
 def split_of(arch_name: str, gguf_name: str, config) -> list[SplitPart] | None:
     """The GGUF tensors ``gguf_name`` (dq's name of a Hugging Face weight) becomes, or None if it stays one."""
     for (arch, key), fn in _SPLITS.items():
-        if arch_name == arch and f".{key}." in gguf_name:
+        vision = arch is None and gguf_name.startswith("v.")
+        if (arch_name == arch or vision) and f".{key}." in gguf_name and gguf_name.endswith(".weight"):
             return fn(gguf_name, config)
     return None

@@ -121,15 +121,17 @@ def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
 
 def _plan_assignment(args, model: Path, output: Path, src: Path, overrides):
     from dq.analysis.artifact import imatrix_beside
+    from dq.convert.source import mmproj_gguf
     from dq.plan.artifact import QuantPlan
     from dq.quant.assign import assign_types, read_source_tensors
 
     plan = _auto_plan(args, model, output) if args.plan == "auto" else Path(args.plan)
     plan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
     sources = read_source_tensors(src)
-    plan.check_model((s.name, s.shape) for s in sources)
+    mm = mmproj_gguf(model) if plan.mmproj and model.is_dir() else None
+    plan.check_model((s.name, s.shape) for s in [*sources, *(read_source_tensors(mm) if mm else [])])
     imatrix_path = args.imatrix or imatrix_beside(plan.analysis)
-    return assign_types(sources, explicit=plan.explicit_types(), overrides=overrides), imatrix_path
+    return assign_types(sources, explicit=plan.explicit_types(mmproj=False), overrides=overrides), imatrix_path, plan, mm
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         check_writable(output)
     src = source_gguf(model)
     imatrix_path = args.imatrix
+    plan = mm = None
     if args.plan:
-        assignment, imatrix_path = _plan_assignment(args, model, output, src, overrides)
+        assignment, imatrix_path, plan, mm = _plan_assignment(args, model, output, src, overrides)
         preset_ftype = None
     else:
         assignment = assign_preset(src, preset, overrides)
@@ -168,8 +171,18 @@ def run(args: argparse.Namespace) -> int:
     total = sum(c.nbytes for c in assignment.choices)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantizing {output.name}", file=sys.stderr,
               disable=None) as bar:
-        result = quantize_gguf(src, output, assignment, n_threads=args.threads,
-                               progress=lambda c, n: bar.update(n), **kw)
+        if plan is not None:
+            from dq.export.plan_files import write_plan_files
+
+            results = write_plan_files(plan, src, mm, output, imatrix=kw["imatrix"], imatrix_name=kw["imatrix_name"],
+                                       overrides=overrides, n_threads=args.threads,
+                                       progress=lambda c, n: bar.update(n))
+            result = results[0]
+            for extra in results[1:]:
+                log.info("wrote %s (%s bytes): the vision tower and projector", extra.path, f"{extra.size:,}")
+        else:
+            result = quantize_gguf(src, output, assignment, n_threads=args.threads,
+                                   progress=lambda c, n: bar.update(n), **kw)
     log.info("wrote %s (%s bytes, %.3f bits per weight)", result.path, f"{result.size:,}",
              8.0 * result.size / sum(c.n_elements for c in assignment.choices))
     if args.json:

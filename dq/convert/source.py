@@ -15,7 +15,7 @@ from dq.cache import cache_dir, files_key
 from dq.convert.convert import convert_hf_to_gguf, read_hf_config
 from dq.errors import CorruptFileError, ModelNotFoundError, NotAModelError
 
-__all__ = ["source_gguf", "check_gguf"]
+__all__ = ["source_gguf", "mmproj_gguf", "is_multimodal", "check_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +49,22 @@ def source_gguf(model: Path, *, cache: Path | None = None) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     return convert_hf_to_gguf(model, out, outtype="bf16")
+
+
+def is_multimodal(model: Path) -> bool:
+    """A Hugging Face directory whose config has a vision tower (``vision_config``)."""
+    model = Path(model)
+    return model.is_dir() and bool(read_hf_config(model).get("vision_config"))
+
+
+def mmproj_gguf(model: Path, *, cache: Path | None = None) -> Path | None:
+    """The BF16 multimodal projector GGUF (vision tower + projector, llama.cpp's ``--mmproj`` output) of a
+    vision-language model directory, converted once beside :func:`source_gguf`'s; None for a text model."""
+    model = Path(model).expanduser()
+    if not is_multimodal(model):
+        return None
+    out = (cache or cache_dir()) / "gguf" / f"{model.name}-{files_key(model)}" / "mmproj-bf16.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert_hf_to_gguf(model, out, outtype="bf16", extra_args=("--mmproj",))

@@ -154,6 +154,7 @@ def allocate(
     alignment: int = DEFAULT_ALIGNMENT,
     analysis_path: str | None = None,
     imatrix_names: frozenset[str] | None = None,
+    mmproj_names: frozenset[str] = frozenset(),
 ) -> QuantPlan:
     """Choose every tensor's type so the whole GGUF is at most ``budget_bytes`` and predicted KLD is least.
 
@@ -165,6 +166,8 @@ def allocate(
         policy: per-role floors (default :class:`Policy`).
         damage: the damage model (default: the analysis's own, :meth:`DamageModel.from_analysis`).
         imatrix_names: tensors the imatrix covers (None: offer every type to every tensor).
+        mmproj_names: ``sources`` that live in a vision-language model's mmproj GGUF (the budget covers both
+            files; the plan records which tensors go there).
 
     Raises:
         BudgetError: the budget is below the smallest achievable file; the message states that size.
@@ -183,7 +186,7 @@ def allocate(
     choice = solve(items, budget_bytes - fixed)
     return plan_from_picks(analysis, sources, items, {it.name: it.options[c] for it, c in zip(items, choice)},
                            budget_bytes, header_bytes=header_bytes, policy=policy, alignment=alignment,
-                           analysis_path=analysis_path, damage_model=damage.info)
+                           analysis_path=analysis_path, damage_model=damage.info, mmproj_names=mmproj_names)
 
 
 def plan_from_picks(
@@ -198,6 +201,7 @@ def plan_from_picks(
     alignment: int = DEFAULT_ALIGNMENT,
     analysis_path: str | None = None,
     damage_model: Mapping[str, Any] | None = None,
+    mmproj_names: frozenset[str] = frozenset(),
 ) -> QuantPlan:
     """The :class:`QuantPlan` that takes option ``picks[name]`` for every item (explicit choices, and
     :func:`allocate`'s solution); tensors that are not items are kept as they are.
@@ -233,4 +237,5 @@ def plan_from_picks(
         policy=policy.to_dict(),
         analysis=analysis_path,
         damage_model=dict(damage_model or {}),
+        mmproj=tuple(s.name for s in sources if s.name in mmproj_names),
     )

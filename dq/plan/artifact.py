@@ -79,10 +79,13 @@ class QuantPlan:
     policy: Mapping[str, Any] = field(default_factory=dict)
     analysis: str | None = None
     damage_model: Mapping[str, Any] = field(default_factory=dict)
+    mmproj: tuple[str, ...] = ()  # tensors of a vision-language model's mmproj GGUF (the rest: the text GGUF)
     version: int = PLAN_VERSION
 
-    def explicit_types(self) -> dict[str, QuantFormat]:
-        return {name: t.type for name, t in self.tensors.items()}
+    def explicit_types(self, *, mmproj: bool | None = None) -> dict[str, QuantFormat]:
+        """name -> type; ``mmproj=False``/``True``: only the text GGUF's / only the mmproj GGUF's tensors."""
+        mm = set(self.mmproj)
+        return {name: t.type for name, t in self.tensors.items() if mmproj is None or (name in mm) == mmproj}
 
     def check_model(self, tensors: Iterable[tuple[str, Sequence[int]]]) -> None:
         """Raise unless this plan was made for a model with exactly these tensors."""
@@ -117,6 +120,7 @@ class QuantPlan:
             "analysis": self.analysis, "budget_bytes": self.budget_bytes, "total_bytes": self.total_bytes,
             "tensor_bytes": n_bytes, "predicted_damage": float(f"{self.predicted_damage:.6g}"),
             "damage_model": dict(self.damage_model), "policy": dict(self.policy),
+            **({"mmproj": list(self.mmproj)} if self.mmproj else {}),
             "tensors": {name: t.to_dict() for name, t in self.tensors.items()},
         }
 
@@ -133,6 +137,7 @@ class QuantPlan:
             total_bytes=int(d.get("total_bytes", 0)), predicted_damage=float(d.get("predicted_damage", 0.0)),
             tensors={n: PlanTensor.from_dict(n, t) for n, t in d["tensors"].items()},
             policy=d.get("policy") or {}, analysis=d.get("analysis"), damage_model=_damage_model(d.get("damage_model")),
+            mmproj=tuple(d.get("mmproj") or ()),
         )
 
     def save(self, path: str | Path) -> Path:

@@ -72,13 +72,15 @@ class PlanInputs:
     imatrix: Imatrix | None
     imatrix_path: Path | None
     damage: DamageModel
-    sources: tuple[SourceTensor, ...]  # the source GGUF's tensors, in file order
-    header_bytes: int  # the quantized file's exact header size (it does not depend on the types)
+    sources: tuple[SourceTensor, ...]  # the source GGUF's tensors, in file order (then the mmproj's)
+    header_bytes: int  # the quantized files' exact header sizes (they do not depend on the types)
+    mmproj_gguf: Path | None = None  # a vision-language model's projector GGUF (vision tower + projector)
+    mmproj_names: frozenset[str] = frozenset()  # which of ``sources`` live in it
 
 
 def load_plan_inputs(analysis_path: str | Path) -> PlanInputs:
-    """Load an analysis and locate the model, its BF16 GGUF and its imatrix."""
-    from dq.convert.source import source_gguf
+    """Load an analysis and locate the model, its BF16 GGUF (and mmproj GGUF for a VLM) and its imatrix."""
+    from dq.convert.source import mmproj_gguf, source_gguf
     from dq.models import resolve_model
 
     path = Path(analysis_path)
@@ -89,9 +91,18 @@ def load_plan_inputs(analysis_path: str | Path) -> PlanInputs:
     im_path = imatrix_beside(adir / "analysis.json", analysis.imatrix_file)
     imatrix = read_imatrix(im_path) if im_path else None
     header = read_gguf_header(src)
+    sources = read_source_tensors(header)
+    head = header_size(header, imatrix=imatrix, imatrix_name=im_path.name if im_path else None)
+    mm = mmproj_gguf(model_dir) if model_dir.is_dir() else None
+    mm_names: frozenset[str] = frozenset()
+    if mm is not None:
+        mm_header = read_gguf_header(mm)
+        mm_sources = read_source_tensors(mm_header)
+        mm_names = frozenset(t.name for t in mm_sources)
+        sources += mm_sources
+        head += header_size(mm_header)
     return PlanInputs(analysis, adir / "analysis.json", model_dir, src, imatrix, im_path,
-                      DamageModel.from_analysis(analysis), tuple(read_source_tensors(header)),
-                      header_size(header, imatrix=imatrix, imatrix_name=im_path.name if im_path else None))
+                      DamageModel.from_analysis(analysis), tuple(sources), head, mm, mm_names)
 
 
 def make_plan(
@@ -107,13 +118,14 @@ def make_plan(
         BudgetError: the budget is below the smallest file the policy allows (the message states that size).
     """
     names = {s.name for s in inputs.sources}
-    foreign = [t.name for t in inputs.analysis.tensors if t.name not in names]
+    foreign = [t.name for t in inputs.analysis.tensors if t.errors and t.name not in names]
     if foreign:
         raise PlanError(f"the analysis measured tensors this model does not have (e.g. {foreign[:3]}): "
                         f"it belongs to another model; re-run `dq analyze` on {inputs.model_dir}")
     plan = allocate(inputs.analysis, inputs.sources, budget, header_bytes=inputs.header_bytes, policy=policy,
                     damage=inputs.damage, analysis_path=str(inputs.analysis_path),
-                    imatrix_names=frozenset(inputs.imatrix.entries) if inputs.imatrix is not None else frozenset())
+                    imatrix_names=frozenset(inputs.imatrix.entries) if inputs.imatrix is not None else frozenset(),
+                    mmproj_names=inputs.mmproj_names)
     log.info("plan: %s bytes of %s budget, predicted mean KLD %.4g", f"{plan.total_bytes:,}", f"{budget:,}",
              plan.predicted_damage)
     return plan
