@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from dq.cli.plan import add_budget_args
 
     add_budget_args(p)
+    p.add_argument("--split-max-size", default=None, metavar="SIZE",
+                   help="write llama.cpp's split layout with shards of at most SIZE (e.g. 50G); default: split into "
+                        "48G shards only when the file would exceed the Hub's 50 GB limit; 0 = never split")
     p.add_argument("--dry-run", action="store_true", help="print every tensor's type and the exact file size; write nothing")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: all cores)")
     p.add_argument("--format", choices=("gguf", "safetensors"), default="gguf",
@@ -94,6 +97,19 @@ def _report_fallbacks(assignment: TypeAssignment) -> None:
         desc = ", ".join(f"{a} -> {b}" for a, b in pairs)
         log.warning("warning: %d tensor(s) use a block-size fallback (%s): their row length is not a multiple "
                     "of the requested type's block; e.g. %s", len(fb), desc, fb[0].name)
+
+
+def _split_bytes(arg: str | None, size: int) -> int:
+    """Shard size for ``--split-max-size`` (0: one file); by default only files over the Hub's limit split."""
+    from dq.quant.gguf_split import DEFAULT_SPLIT_BYTES, HUB_MAX_FILE_BYTES, parse_split_size
+
+    if arg is not None:
+        return parse_split_size(arg)
+    if size > HUB_MAX_FILE_BYTES:
+        log.info("the file would have %s bytes, over the Hub's 50 GB per file: writing 48 GB shards "
+                 "(--split-max-size 0 writes one file)", f"{size:,}")
+        return DEFAULT_SPLIT_BYTES
+    return 0
 
 
 def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
@@ -158,8 +174,9 @@ def run(args: argparse.Namespace) -> int:
     imatrix = read_imatrix(imatrix_path) if imatrix_path else None
     _report_fallbacks(assignment)
     kw = dict(imatrix=imatrix, imatrix_name=imatrix_path.name if imatrix_path else None, preset_ftype=preset_ftype)
+    split = _split_bytes(args.split_max_size, predict_size(src, assignment, **kw))
     if args.dry_run:
-        size = predict_size(src, assignment, **kw)
+        size = predict_size(src, assignment, split_max_bytes=split, **kw)
         if args.json:
             json.dump(_summary(assignment, size), sys.stdout, indent=1)
             print()
@@ -176,13 +193,15 @@ def run(args: argparse.Namespace) -> int:
 
             results = write_plan_files(plan, src, mm, output, imatrix=kw["imatrix"], imatrix_name=kw["imatrix_name"],
                                        overrides=overrides, n_threads=args.threads,
-                                       progress=lambda c, n: bar.update(n))
+                                       progress=lambda c, n: bar.update(n), split_max_bytes=split)
             result = results[0]
             for extra in results[1:]:
                 log.info("wrote %s (%s bytes): the vision tower and projector", extra.path, f"{extra.size:,}")
         else:
             result = quantize_gguf(src, output, assignment, n_threads=args.threads,
-                                   progress=lambda c, n: bar.update(n), **kw)
+                                   progress=lambda c, n: bar.update(n), split_max_bytes=split, **kw)
+    if len(result.files) > 1:
+        log.info("split into %d shards (llama.cpp loads them from %s)", len(result.files), result.files[0].name)
     log.info("wrote %s (%s bytes, %.3f bits per weight)", result.path, f"{result.size:,}",
              8.0 * result.size / sum(c.n_elements for c in assignment.choices))
     if args.json:

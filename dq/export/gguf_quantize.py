@@ -25,8 +25,9 @@ from dq.errors import ImatrixRequiredError, PlanError
 from dq.quant import libggml
 from dq.quant.assign import TensorChoice, TypeAssignment
 from dq.quant.formats import FORMATS, tensor_nbytes
+from dq.quant.gguf_split import shard_paths
 from dq.quant.imatrix import Imatrix
-from dq.quant.layout import build_writer, open_source
+from dq.quant.layout import build_shard_writers, open_source
 
 if TYPE_CHECKING:
     from dq.export.tensor_cache import TensorCache
@@ -38,9 +39,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    path: Path
-    size: int
+    path: Path  # the file, or the first shard of a split
+    size: int  # all shards together
     assignment: TypeAssignment
+    files: tuple[Path, ...] = ()  # every file written (the shards of a split, in order)
 
 
 def _check_imatrix(assignment: TypeAssignment, imatrix: Imatrix | None) -> None:
@@ -87,6 +89,7 @@ def quantize_gguf(
     n_threads: int | None = None,
     progress: Callable[[TensorChoice, int], None] | None = None,
     tensor_cache: TensorCache | None = None,
+    split_max_bytes: int = 0,
 ) -> QuantizeResult:
     """Quantize ``src`` into ``dst`` (atomically) with the types in ``assignment``.
 
@@ -100,35 +103,52 @@ def quantize_gguf(
         n_threads: quantizer threads.
         progress: called after each tensor with (choice, bytes written).
         tensor_cache: reuse (and keep) quantized tensor bytes across calls (:mod:`dq.export.tensor_cache`).
+        split_max_bytes: write llama.cpp's split layout, shards of at most this many payload bytes
+            (``dst``'s stem + ``-0000k-of-0000n.gguf``; :mod:`dq.quant.gguf_split`); 0 = one file.
 
     Returns:
         The path, its size (equal to :func:`predict_size`) and the assignment.
     """
     header = open_source(src, assignment)
     _check_imatrix(assignment, imatrix)
-    writer = build_writer(header, assignment, imatrix, imatrix_name, preset_ftype)
-    expected = writer.total_size()
-    writer.open(dst)
+    writers = build_shard_writers(header, assignment, imatrix, imatrix_name, preset_ftype, split_max_bytes)
+    paths = shard_paths(dst, len(writers))
+    expected = sum(w.total_size() for w, _ in writers)
+    done: list[Path] = []
     try:
-        for choice, tensor in zip(assignment.choices, header.tensors):
-            raw = header.tensor_bytes(tensor, tensor_nbytes(choice.source, choice.shape))
-            if tensor_cache is None or choice.stored is choice.source:
-                payload = _payload(choice, raw, imatrix, n_threads)
-            else:
-                digest = tensor_cache.source_digest(Path(src), choice.name, raw)
-                weights = imatrix.weights_for(choice.name) if imatrix is not None else None
-                payload = tensor_cache.get(digest, choice.stored, weights, choice.nbytes)
-                if payload is None:
-                    payload = _payload(choice, raw, imatrix, n_threads)
-                    tensor_cache.put(digest, choice.stored, weights, payload)
-            writer.write_tensor(choice.name, payload)
-            if progress is not None:
-                progress(choice, len(payload))
-        writer.close()
+        for (writer, idx), path in zip(writers, paths):
+            writer.open(path)
+            try:
+                for i in idx:
+                    choice, tensor = assignment.choices[i], header.tensors[i]
+                    payload = _cached_payload(choice, tensor, header, src, imatrix, n_threads, tensor_cache)
+                    writer.write_tensor(choice.name, payload)
+                    if progress is not None:
+                        progress(choice, len(payload))
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            done.append(path)
     except BaseException:
-        writer.abort()
+        for path in done:  # all shards or none
+            path.unlink(missing_ok=True)
         raise
-    size = Path(dst).stat().st_size
+    size = sum(p.stat().st_size for p in paths)
     if size != expected:
         raise RuntimeError(f"{dst} has {size:,} bytes where its header promised {expected:,} (a bug in dq)")
-    return QuantizeResult(Path(dst), size, assignment)
+    return QuantizeResult(paths[0], size, assignment, tuple(paths))
+
+
+def _cached_payload(choice: TensorChoice, tensor, header, src, imatrix: Imatrix | None, n_threads: int | None,
+                    tensor_cache: TensorCache | None) -> bytes:
+    raw = header.tensor_bytes(tensor, tensor_nbytes(choice.source, choice.shape))
+    if tensor_cache is None or choice.stored is choice.source:
+        return _payload(choice, raw, imatrix, n_threads)
+    digest = tensor_cache.source_digest(Path(src), choice.name, raw)
+    weights = imatrix.weights_for(choice.name) if imatrix is not None else None
+    payload = tensor_cache.get(digest, choice.stored, weights, choice.nbytes)
+    if payload is None:
+        payload = _payload(choice, raw, imatrix, n_threads)
+        tensor_cache.put(digest, choice.stored, weights, payload)
+    return payload

@@ -39,6 +39,7 @@ def write_plan_files(
     n_threads: int | None = None,
     progress: Callable | None = None,
     tensor_cache=None,
+    split_max_bytes: int = 0,
 ) -> list[QuantizeResult]:
     """Quantize ``plan`` into ``out`` (and ``mmproj-<out>`` when the plan has projector tensors).
 
@@ -53,13 +54,14 @@ def write_plan_files(
     results = [quantize_gguf(text_src, out, assign_types(text, explicit=plan.explicit_types(mmproj=False),
                                                          overrides=overrides),
                              imatrix=imatrix, imatrix_name=imatrix_name, n_threads=n_threads, progress=progress,
-                             tensor_cache=tensor_cache)]
+                             tensor_cache=tensor_cache, split_max_bytes=split_max_bytes)]
     if plan.mmproj:
         try:
             results.append(quantize_gguf(mmproj_src, mmproj_path(out),
                                          assign_types(mm, explicit=plan.explicit_types(mmproj=True)),
                                          n_threads=n_threads, progress=progress, tensor_cache=tensor_cache))
         except BaseException:
-            Path(out).unlink(missing_ok=True)
+            for f in results[0].files:
+                f.unlink(missing_ok=True)
             raise
     return results

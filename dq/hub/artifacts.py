@@ -110,6 +110,21 @@ def _gguf_info(path: Path) -> tuple[str, int | None, dict, dict[str, int]]:
     return val("general.type") or "model", val("general.file_type"), meta, types
 
 
+def _gguf_files(path: Path) -> list[Path]:
+    """The files of the GGUF quant at ``path``: every shard of a split (given its first shard), and the
+    vision projector ``mmproj-<name>`` beside it."""
+    import re
+
+    from dq.quant.gguf_split import is_first_shard
+
+    files = [path]
+    if is_first_shard(path):
+        pattern = re.sub(r"-00001-of-(\d{5})\.gguf$", r"-*-of-\1.gguf", path.name)
+        files = sorted(path.parent.glob(pattern))
+    mm = path.with_name("mmproj-" + path.name)
+    return files + ([mm] if mm.is_file() else [])
+
+
 def _ftype_label(ftype: int | None) -> str | None:
     if ftype is None:
         return None
@@ -229,7 +244,7 @@ def collect_quant(path: str | Path, *, imatrix: list[Path] | None = None, plan: 
         arch = (config.get("architectures") or [None])[0]
     else:
         kind = QuantKind.GGUF
-        candidates = [path] if path.is_file() else sorted(root.glob("*.gguf"))
+        candidates = _gguf_files(path) if path.is_file() else sorted(root.glob("*.gguf"))
         base = license_ = arch = None
         for g in candidates:
             if g.suffix != ".gguf":

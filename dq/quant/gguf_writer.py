@@ -104,6 +104,10 @@ class GGUFFileWriter:
         body = struct.pack("<IQ", GGUFValueType.STRING, len(values)) + b"".join(_str(v) for v in values)
         self._add(key, GGUFValueType.ARRAY, body)
 
+    def kv_pairs(self) -> dict[str, bytes]:
+        """Every KV pair as serialised, in order (what a shard writer copies)."""
+        return dict(self._kv)
+
     def remove_kv(self, key: str) -> None:
         self._require(_State.NEW, "remove_kv")
         self._kv.pop(key, None)

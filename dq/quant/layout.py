@@ -17,10 +17,11 @@ from dq.quant import gguf_keys as K
 from dq.quant.assign import TypeAssignment
 from dq.quant.formats import QuantFormat
 from dq.quant.gguf_header import GGUFHeader, read_gguf_header
+from dq.quant.gguf_split import plan_shards, split_kvs
 from dq.quant.gguf_writer import GGUFFileWriter
 from dq.quant.imatrix import Imatrix
 
-__all__ = ["file_type_for", "build_writer", "open_source", "predict_size", "header_size"]
+__all__ = ["file_type_for", "build_writer", "build_shard_writers", "open_source", "predict_size", "header_size"]
 
 # enum llama_ftype for a file whose bytes are mostly one type (general.file_type is informational).
 _FTYPE = {
@@ -65,6 +66,29 @@ def build_writer(src: GGUFHeader, assignment: TypeAssignment, imatrix: Imatrix |
     return w
 
 
+def build_shard_writers(src: GGUFHeader, assignment: TypeAssignment, imatrix: Imatrix | None,
+                        imatrix_name: str | None, preset_ftype: int | None,
+                        split_max_bytes: int = 0) -> list[tuple[GGUFFileWriter, list[int]]]:
+    """One writer per shard of llama.cpp's split layout (:mod:`dq.quant.gguf_split`) and the indices of the
+    assignment's tensors it holds; a single writer when ``split_max_bytes`` is 0 or everything fits."""
+    full = build_writer(src, assignment, imatrix, imatrix_name, preset_ftype)
+    shards = plan_shards([c.nbytes for c in assignment.choices], split_max_bytes)
+    if len(shards) == 1:
+        return [(full, shards[0])]
+    out = []
+    for k, idx in enumerate(shards):
+        w = GGUFFileWriter(alignment=src.alignment)
+        kv = full.kv_pairs() if k == 0 else {key: raw for key, raw in full.kv_pairs().items()
+                                             if key == K.GENERAL_ALIGNMENT}
+        for key, raw in {**kv, **split_kvs(k, len(shards), len(assignment.choices))}.items():
+            w.add_raw_kv(key, raw)
+        for i in idx:
+            c = assignment.choices[i]
+            w.add_tensor_info(c.name, c.shape, c.stored)
+        out.append((w, idx))
+    return out
+
+
 def open_source(src: str | Path | GGUFHeader, assignment: TypeAssignment) -> GGUFHeader:
     """``src``'s header, checked against ``assignment``'s tensor list."""
     header = src if isinstance(src, GGUFHeader) else read_gguf_header(src)
@@ -74,10 +98,11 @@ def open_source(src: str | Path | GGUFHeader, assignment: TypeAssignment) -> GGU
 
 
 def predict_size(src: str | Path | GGUFHeader, assignment: TypeAssignment, *, imatrix: Imatrix | None = None,
-                 imatrix_name: str | None = None, preset_ftype: int | None = None) -> int:
+                 imatrix_name: str | None = None, preset_ftype: int | None = None, split_max_bytes: int = 0) -> int:
     """Exact size in bytes of the file :func:`quantize_gguf` would write with the same arguments."""
-    reader = open_source(src, assignment)
-    return build_writer(reader, assignment, imatrix, imatrix_name, preset_ftype).total_size()
+    header = open_source(src, assignment)
+    return sum(w.total_size() for w, _ in build_shard_writers(header, assignment, imatrix, imatrix_name, preset_ftype,
+                                                                split_max_bytes))
 
 
 def header_size(src: str | Path | GGUFHeader, *, imatrix: Imatrix | None = None, imatrix_name: str | None = None) -> int:

@@ -230,3 +230,18 @@ def test_no_token_offline_unreachable_and_refused(st_quant, hub_env, monkeypatch
     with pytest.raises(HubOfflineError, match="cannot reach"):
         upload(plan, token=TOKEN, endpoint="http://127.0.0.1:9")
     assert hub_env.state.commits == []
+
+
+def test_upload_sends_every_shard_of_a_split(tiny_bf16_gguf, hub_env, tmp_path):
+    out = tmp_path / "split"
+    out.mkdir()
+    assert main(["quantize", str(tiny_bf16_gguf), "-o", str(out / "tiny-Q8_0.gguf"), "--type", "Q8_0",
+                 "--split-max-size", "300K"]) == 0
+    shards = sorted(out.glob("tiny-Q8_0-*-of-*.gguf"))
+    assert len(shards) >= 3
+    art = collect_quant(shards[0])
+    assert [f.path for f in art.by_role(FileRole.MODEL)] == shards
+    assert main(["upload", str(shards[0]), "--repo", "me/tiny-split", "--base-model", "dq-test/tiny-llama",
+                 "--token", TOKEN]) == 0
+    stored = hub_env.state.repos["me/tiny-split"]
+    assert all(stored[s.name] == s.read_bytes() for s in shards)
