@@ -70,6 +70,7 @@ def build_items(
     super_tensors = {s.tensor for s in analysis.super_weights
                      if s.ablation_ppl_ratio is None or s.ablation_ppl_ratio >= policy.super_weight_min_ppl_ratio}
     items, kept = [], []
+    moe_layers = sorted({layer_index(s.name) for s in sources if classify(s.name) is TensorRole.EXPERT_DOWN})
     for src in sources:
         role = classify(src.name)
         # llama.cpp quantizes only 2-D and 3-D tensors whose name ends in "weight" (expert biases stay)
@@ -78,7 +79,8 @@ def build_items(
             continue
         holds_sw = src.name in super_tensors
         layer = layer_index(src.name)
-        allowed = policy.allowed(role, layer, holds_sw, analysis.candidates)
+        moe_layer = moe_layers.index(layer) if layer in moe_layers else None
+        allowed = policy.allowed(role, layer, holds_sw, analysis.candidates, moe_layer)
         opts = []
         for fmt in allowed:
             stored = fmt if FORMATS[fmt].is_float else effective_format(fmt, src.shape)
@@ -95,7 +97,7 @@ def build_items(
             kept.append(src)  # nothing measured and no float option: leave it as it is
             log.warning("no measured candidate for %s: kept in %s", src.name, src.fmt)
             continue
-        floor = policy.floor_for(role, layer, holds_sw)
+        floor = policy.floor_for(role, layer, holds_sw, moe_layer)
         reason = "super weight" if holds_sw and policy.protect_super_weights else f"policy floor {floor}"
         items.append(Item(src.name, role, tuple(opts), reason))
     return items, kept

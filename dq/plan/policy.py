@@ -76,6 +76,9 @@ class Policy:
         super_weight_min_ppl_ratio: a candidate counts as a super weight only if zeroing it raised held-out
             perplexity by at least this factor (candidates without an ablation count).
         float_types: extra types allowed for vision/projector roles (BF16 keeps them unquantized).
+        early_expert_down_layers: how many of the first MoE layers get ``early_expert_down_floor`` on their
+            merged down_exps (Unsloth keeps DeepSeek-R1's first down_exps at 2.06 bits in its 1.58-bit quant).
+        early_expert_down_floor: that floor.
     """
 
     role_floors: Mapping[TensorRole, QuantFormat] = field(default_factory=lambda: dict(DEFAULT_ROLE_FLOORS))
@@ -85,18 +88,26 @@ class Policy:
     protect_super_weights: bool = True
     super_weight_min_ppl_ratio: float = 1.1
     float_types: tuple[QuantFormat, ...] = (QuantFormat.BF16,)
+    early_expert_down_layers: int = 0
+    early_expert_down_floor: QuantFormat = QuantFormat.IQ2_XXS
 
     def __post_init__(self) -> None:
-        if self.first_down_layers < 0:
-            raise PlanError(f"first_down_layers must be >= 0, got {self.first_down_layers}")
+        if self.first_down_layers < 0 or self.early_expert_down_layers < 0:
+            raise PlanError(f"first_down_layers and early_expert_down_layers must be >= 0, got "
+                            f"{self.first_down_layers} and {self.early_expert_down_layers}")
 
     @staticmethod
     def kept(role: TensorRole) -> bool:
         """Roles that stay in their source type."""
         return role in _KEPT_ROLES
 
-    def floor_for(self, role: TensorRole, layer: int | None, holds_super_weight: bool) -> QuantFormat:
+    def floor_for(self, role: TensorRole, layer: int | None, holds_super_weight: bool,
+                  moe_layer: int | None = None) -> QuantFormat:
+        """The lowest type a tensor may take; ``moe_layer`` is its layer's index among the MoE layers."""
         floor = self.role_floors.get(role, self.role_floors.get(TensorRole.OTHER, QuantFormat.Q4_K))
+        if (role is TensorRole.EXPERT_DOWN and moe_layer is not None and moe_layer < self.early_expert_down_layers
+                and FORMATS[self.early_expert_down_floor].bits_per_weight > FORMATS[floor].bits_per_weight):
+            floor = self.early_expert_down_floor
         routed = role in (TensorRole.EXPERT_GATE, TensorRole.EXPERT_UP, TensorRole.EXPERT_DOWN)
         protected = (holds_super_weight and self.protect_super_weights) or (
             role in (TensorRole.FFN_DOWN, TensorRole.SHARED_DOWN) and layer is not None and layer < self.first_down_layers
@@ -107,9 +118,9 @@ class Policy:
         return floor
 
     def allowed(self, role: TensorRole, layer: int | None, holds_super_weight: bool,
-                candidates: tuple[QuantFormat, ...]) -> tuple[QuantFormat, ...]:
+                candidates: tuple[QuantFormat, ...], moe_layer: int | None = None) -> tuple[QuantFormat, ...]:
         """Candidate types this tensor may take, highest bits first."""
-        floor_bits = FORMATS[self.floor_for(role, layer, holds_super_weight)].bits_per_weight
+        floor_bits = FORMATS[self.floor_for(role, layer, holds_super_weight, moe_layer)].bits_per_weight
         pool = set(candidates)
         if role in (TensorRole.VISION, TensorRole.PROJECTOR):
             pool |= set(self.float_types)
@@ -125,6 +136,8 @@ class Policy:
             "protect_super_weights": self.protect_super_weights,
             "super_weight_min_ppl_ratio": self.super_weight_min_ppl_ratio,
             "float_types": [f.value for f in self.float_types],
+            "early_expert_down_layers": self.early_expert_down_layers,
+            "early_expert_down_floor": self.early_expert_down_floor.value,
         }
 
     @classmethod
@@ -147,4 +160,50 @@ class Policy:
             protect_super_weights=bool(d.get("protect_super_weights", True)),
             super_weight_min_ppl_ratio=float(d.get("super_weight_min_ppl_ratio", 1.1)),
             float_types=tuple(parse_format(f) for f in d.get("float_types", ["BF16"])),
+            early_expert_down_layers=int(d.get("early_expert_down_layers", 0)),
+            early_expert_down_floor=parse_format(d.get("early_expert_down_floor", QuantFormat.IQ2_XXS.value)),
         )
+
+    @classmethod
+    def named(cls, name: str) -> Policy:
+        """A preset of :data:`PRESETS` (``default``, ``unsloth-moe``, ``unsloth-iq1_s``, ...).
+
+        Raises:
+            PlanError: unknown name (the message lists them).
+        """
+        if name not in PRESETS:
+            raise PlanError(f"unknown policy {name!r}; presets: {', '.join(PRESETS)}, or a YAML file with overrides")
+        return cls.from_dict(PRESETS[name])
+
+
+# Unsloth's dynamic recipe for DeepSeek-R1-class MoE (their "1.58-bit R1" write-up): leading dense layers
+# and attention at 4 bits, shared experts at 6, embedding 4, output head 6, routers and norms F32, routed
+# experts at the ladder's type with the down_exps of the first MoE layers one step up. As floors: the
+# planner spends any budget above them by measured damage; a size-only plan (no weights) takes the floors.
+_UNSLOTH = {
+    "role_floors": {
+        "attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q4_K", "attn_output": "Q4_K", "attn_q_a": "Q4_K",
+        "attn_q_b": "Q4_K", "attn_kv_a": "Q4_K", "attn_k_b": "Q4_K", "attn_v_b": "Q4_K",
+        "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q4_K",
+        "shared_gate": "Q6_K", "shared_up": "Q6_K", "shared_down": "Q6_K",
+        "embedding": "Q4_K", "output": "Q6_K",
+    },
+    "first_down_layers": 0, "early_expert_down_layers": 3,
+}
+
+
+def _ladder(gate_up: str, down: str, early_down: str) -> dict:
+    floors = {**_UNSLOTH["role_floors"], "expert_gate": gate_up, "expert_up": gate_up, "expert_down": down}
+    return {**_UNSLOTH, "role_floors": floors, "early_expert_down_floor": early_down}
+
+
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # the recipe with routed experts allowed down to 1.58-bit: the planner decides above the floors
+    "unsloth-moe": _ladder("IQ1_S", "IQ1_S", "IQ2_XXS"),
+    # Unsloth's DeepSeek-R1 ladders (routed gate/up, down, the first MoE layers' down)
+    "unsloth-iq1_s": _ladder("IQ1_S", "IQ1_S", "IQ2_XXS"),  # "1.58-bit", down 2.06/1.56
+    "unsloth-iq1_m": _ladder("IQ1_M", "IQ2_XXS", "IQ2_XXS"),  # "1.73-bit", down 2.06
+    "unsloth-iq2_xxs": _ladder("IQ2_XXS", "IQ2_XXS", "IQ2_S"),  # "2.22-bit", down 2.5/2.06
+    "unsloth-q2_k_xl": _ladder("Q2_K", "IQ2_S", "Q3_K"),  # "2.51-bit", down 3.5/2.5
+}
