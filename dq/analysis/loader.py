@@ -126,6 +126,28 @@ def load_config(model_dir: Path):
         ) from exc
 
 
+# quantization_config.quant_method values whose weights dq reads as llama.cpp's converter does
+_READABLE_QUANT = ("fp8",)
+
+
+def _check_quantization(model_dir: Path) -> tuple[int, ...] | None:
+    """The FP8 block shape of an FP8 checkpoint (None for an unquantized one).
+
+    Raises:
+        UnsupportedArchitectureError: a ``quantization_config`` dq cannot dequantize exactly as the converter.
+    """
+    qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method not in _READABLE_QUANT:
+        raise UnsupportedArchitectureError(
+            f"{model_dir} is a {method!r}-quantized checkpoint (config.json quantization_config); dq reads "
+            f"unquantized (BF16/F16/F32) or block-scaled FP8 checkpoints; give it the original weights"
+        )
+    return tuple(int(b) for b in qc.get("weight_block_size") or ())
+
+
 def _build_meta_model(config):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -208,18 +230,21 @@ class ModelSkeleton:
     _key_file: dict[str, Path] = field(default_factory=dict)
     _handles: dict[Path, _SafetensorsFile] = field(default_factory=dict)
     device: str = "cpu"
+    fp8_block: tuple[int, ...] | None = None  # FP8 checkpoints: the weight_scale_inv block shape
 
     @classmethod
     def open(cls, model_dir: str | Path, device: str = "cpu") -> ModelSkeleton:
         """Build the skeleton of the model in ``model_dir`` (nothing but buffers is loaded)."""
         model_dir = Path(model_dir)
         config = load_config(model_dir)
+        fp8_block = _check_quantization(model_dir)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         model = _build_meta_model(config)
         model.eval()
         n_layers = int(text_config.num_hidden_layers)
         layers_path, _ = _find_decoder_layers(model, n_layers)
-        sk = cls(model_dir, config, text_config, model, layers_path, layers_path.rsplit(".", 1)[0], device=device)
+        sk = cls(model_dir, config, text_config, model, layers_path, layers_path.rsplit(".", 1)[0], device=device,
+                 fp8_block=fp8_block)
         for f in _checkpoint_files(model_dir):
             h = _SafetensorsFile(f)
             sk._handles[f] = h
@@ -324,7 +349,7 @@ class ModelSkeleton:
                 missing.append(n)
                 continue
             for k in keys:
-                sd[k] = self._handles[self._key_file[k]].read(k)
+                sd[k] = self._read_checkpoint_tensor(k)
         if sd:
             cfg = LoadStateDictConfig(
                 pretrained_model_name_or_path=str(self.model_dir), weight_mapping=self._weight_mapping,
@@ -347,6 +372,20 @@ class ModelSkeleton:
                 self._set_param(n, p.detach().float())
         self._load_buffers(prefixes, exclude)
         return names
+
+    def _read_checkpoint_tensor(self, key: str) -> torch.Tensor:
+        """A checkpoint tensor as the converter sees it: FP8 weights with a block scale (DeepSeek's
+        ``weight_scale_inv``) dequantized as ``convert_hf_to_gguf.py`` does (``dequant_simple``: the scale
+        repeated over each block, unpadded, times the weight) and rounded to BF16, the type it writes."""
+        t = self._handles[self._key_file[key]].read(key)
+        scale_key = f"{key}_scale_inv"
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_key in self._key_file:
+            scale = self._handles[self._key_file[scale_key]].read(scale_key).float()
+            for dim, size in enumerate(self.fp8_block or ()):
+                scale = scale.repeat_interleave(size, dim)
+            scale = scale[tuple(slice(0, n) for n in t.shape)]
+            t = (t.float() * scale).to(torch.bfloat16)
+        return t
 
     def _load_buffers(self, prefixes: tuple[str, ...], exclude: tuple[str, ...]) -> None:
         """Persistent buffers the checkpoint holds (DeepSeek-V3's ``e_score_correction_bias``, which picks the
