@@ -82,7 +82,9 @@ from dq.analysis.superweights import (
     select_candidates,
     spikes_of,
     super_activations,
+    super_expert_spikes,
     super_experts,
+    whole_expert,
 )
 from dq.errors import AnalysisError
 from dq.quant.formats import QuantFormat
@@ -492,11 +494,18 @@ def analyze(
 
     sws: list[SuperWeight] = []
     candidates: list[Spike] = []
+    experts = super_experts(found_all.spikes)
     if opt.super_weights:
         candidates = select_candidates(found_all.spikes, opt.max_ablations)
-        if candidates and opt.ablation_tokens > 0:
+        strong = super_expert_spikes(found_all.spikes)[: opt.max_ablations]
+        if (candidates or strong) and opt.ablation_tokens > 0:
             held = tokenize_calibration(tokenizer, heldout_text(), opt.ablation_tokens, min(opt.seq_len, 512))
-            sws = ablate(sk, candidates, held)
+            if candidates:
+                sws = ablate(sk, candidates, held)
+            for s, r in zip(strong, ablate(sk, [whole_expert(s) for s in strong], held) if strong else []):
+                for e in experts:  # the super experts zeroed one at a time: their ablation result
+                    if e["layer"] == s.layer and e["expert"] == s.expert:
+                        e["ablation_ppl_ratio"], e["ablation_kld"] = r.ablation_ppl_ratio, r.ablation_kld
     sk.close()
     times["super_weights"] = time.time() - t_stage
 
@@ -527,7 +536,7 @@ def analyze(
             "spikes": [s.to_dict() for s in found_all.spikes],
             "super_weight_candidates": [s.to_dict() for s in candidates],
             "super_activations": super_activations(hidden_max),
-            "super_experts": super_experts(found_all.spikes),
+            "super_experts": experts,
             "hidden_max": {str(k): float(v.max()) for k, v in sorted(hidden_max.items())},
             "seconds": round(time.time() - t_start, 1),
             "stage_seconds": {k: round(v, 1) for k, v in times.items()},  # this run's (a resumed run's part)

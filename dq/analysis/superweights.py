@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from dq.analysis.collect import TensorStats
 from dq.analysis.loader import ModelSkeleton
 from dq.analysis.stream import LayerArgs, embed, final_hidden, run_layer, softcap
 
-__all__ = ["Spike", "spikes_of", "select_candidates", "ablate", "super_activations", "super_experts"]
+__all__ = ["Spike", "spikes_of", "select_candidates", "ablate", "super_activations", "super_experts",
+           "super_expert_spikes", "whole_expert"]
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,17 @@ def select_candidates(spikes: list[Spike], max_candidates: int) -> list[Spike]:
     return chosen
 
 
+def whole_expert(s: Spike) -> Spike:
+    """The ablation of ``s``'s whole expert (its down projection zeroed), not of one weight."""
+    return replace(s, row=-1, col=-1)
+
+
 def _zero(sk: ModelSkeleton, s: Spike) -> None:
     p = sk.module_param(s.param)
     with torch.no_grad():
-        if s.expert is None:
+        if s.row < 0:  # a whole expert (super experts, Su et al. 2025): its output is zero
+            p[s.expert].zero_()
+        elif s.expert is None:
             p[s.row, s.col] = 0.0
         elif getattr(sk.module(s.param.rpartition(".")[0]), "is_transposed", False):
             p[s.expert, s.col, s.row] = 0.0
@@ -236,6 +244,20 @@ def super_activations(hidden_max: dict[int, np.ndarray], ratio: float = 50.0) ->
         for c in np.nonzero(m >= ratio * med)[0]:
             out.append({"layer": int(layer), "channel": int(c), "max_abs": float(m[c]), "ratio": float(m[c] / med)})
     return out
+
+
+def super_expert_spikes(spikes: list[Spike], ratio: float = 5.0) -> list[Spike]:
+    """Per MoE layer, the spikes of experts whose down-projection output peak exceeds ``ratio`` x the layer's
+    median expert peak (the massive-activation experts of Su et al. 2025, arXiv 2507.23279), largest first."""
+    by_layer: dict[int, list[Spike]] = {}
+    for s in spikes:
+        if s.expert is not None:
+            by_layer.setdefault(s.layer, []).append(s)
+    out = []
+    for ss in by_layer.values():
+        med = float(np.median([s.output_spike for s in ss])) or 1e-30
+        out += [s for s in ss if s.output_spike >= ratio * med]
+    return sorted(out, key=lambda s: -s.output_spike)
 
 
 def super_experts(spikes: list[Spike], ratio: float = 5.0) -> list[dict]:

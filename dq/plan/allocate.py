@@ -69,6 +69,9 @@ def build_items(
     """
     super_tensors = {s.tensor for s in analysis.super_weights
                      if s.ablation_ppl_ratio is None or s.ablation_ppl_ratio >= policy.super_weight_min_ppl_ratio}
+    # a confirmed super expert protects its layer's merged expert tensors (one type holds every expert)
+    super_layers = {e["layer"] for e in analysis.extra.get("super_experts", ())
+                    if (e.get("ablation_kld") or 0.0) >= policy.super_expert_min_kld}
     items, kept = [], []
     moe_layers = sorted({layer_index(s.name) for s in sources if classify(s.name) is TensorRole.EXPERT_DOWN})
     for src in sources:
@@ -77,7 +80,9 @@ def build_items(
         if len(src.shape) < 2 or not src.name.endswith("weight") or Policy.kept(role):
             kept.append(src)
             continue
-        holds_sw = src.name in super_tensors
+        layer_of = layer_index(src.name)
+        holds_sw = src.name in super_tensors or (
+            role in (TensorRole.EXPERT_GATE, TensorRole.EXPERT_UP, TensorRole.EXPERT_DOWN) and layer_of in super_layers)
         layer = layer_index(src.name)
         moe_layer = moe_layers.index(layer) if layer in moe_layers else None
         allowed = policy.allowed(role, layer, holds_sw, analysis.candidates, moe_layer)
@@ -98,7 +103,9 @@ def build_items(
             log.warning("no measured candidate for %s: kept in %s", src.name, src.fmt)
             continue
         floor = policy.floor_for(role, layer, holds_sw, moe_layer)
-        reason = "super weight" if holds_sw and policy.protect_super_weights else f"policy floor {floor}"
+        reason = f"policy floor {floor}"
+        if holds_sw and policy.protect_super_weights:
+            reason = "super weight" if src.name in super_tensors else "super expert"
         items.append(Item(src.name, role, tuple(opts), reason))
     return items, kept
 
@@ -219,8 +226,8 @@ def plan_from_picks(
             it, o = by_name[src.name]
             lowest = min(it.options, key=lambda x: x.nbytes)
             reason = it.floor_reason if (o is lowest and len(it.options) > 1) else "optimiser"
-            if it.floor_reason == "super weight":
-                reason = "super weight"
+            if it.floor_reason in ("super weight", "super expert"):
+                reason = it.floor_reason
             tensors[src.name] = PlanTensor(o.fmt, it.role.value, o.nbytes, o.damage, reason)
             damage += o.damage
         else:

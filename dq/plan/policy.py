@@ -76,6 +76,9 @@ class Policy:
         super_weight_min_ppl_ratio: a candidate counts as a super weight only if zeroing it raised held-out
             perplexity by at least this factor (candidates without an ablation count).
         float_types: extra types allowed for vision/projector roles (BF16 keeps them unquantized).
+        super_expert_min_kld: a super expert (a routed expert behind its layer's massive activation) counts
+            when zeroing it moved held-out next-token distributions by at least this mean KLD (nats); its
+            layer's merged expert tensors then take ``protected_expert_floor``.
         early_expert_down_layers: how many of the first MoE layers get ``early_expert_down_floor`` on their
             merged down_exps (Unsloth keeps DeepSeek-R1's first down_exps at 2.06 bits in its 1.58-bit quant).
         early_expert_down_floor: that floor.
@@ -90,6 +93,7 @@ class Policy:
     float_types: tuple[QuantFormat, ...] = (QuantFormat.BF16,)
     early_expert_down_layers: int = 0
     early_expert_down_floor: QuantFormat = QuantFormat.IQ2_XXS
+    super_expert_min_kld: float = 0.02
 
     def __post_init__(self) -> None:
         if self.first_down_layers < 0 or self.early_expert_down_layers < 0:
@@ -138,6 +142,7 @@ class Policy:
             "float_types": [f.value for f in self.float_types],
             "early_expert_down_layers": self.early_expert_down_layers,
             "early_expert_down_floor": self.early_expert_down_floor.value,
+            "super_expert_min_kld": self.super_expert_min_kld,
         }
 
     @classmethod
@@ -162,6 +167,7 @@ class Policy:
             float_types=tuple(parse_format(f) for f in d.get("float_types", ["BF16"])),
             early_expert_down_layers=int(d.get("early_expert_down_layers", 0)),
             early_expert_down_floor=parse_format(d.get("early_expert_down_floor", QuantFormat.IQ2_XXS.value)),
+            super_expert_min_kld=float(d.get("super_expert_min_kld", 0.02)),
         )
 
     @classmethod

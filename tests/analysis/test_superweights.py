@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -65,3 +66,38 @@ def test_planted_super_weight_found_exactly(smollm2_dir, tmp_path):
     assert (sw.tensor, sw.row, sw.col) == (f"blk.{LAYER}.ffn_down.weight", ROW, col)
     assert sw.value == pytest.approx(float(sd[key][ROW, col]), rel=1e-6)
     assert sw.ablation_ppl_ratio is not None and sw.ablation_kld is not None and sw.ablation_kld > 0
+
+
+@pytest.mark.slow
+def test_planted_super_expert_is_found_ablated_and_protected(tiny_llama_dir, tmp_path):
+    """An expert whose down projection is scaled up makes the massive activation of its layer: the analysis
+    reports it as a super expert, zeroing it moves held-out predictions (KLD), and the plan raises the layer's
+    merged expert tensors to the protected expert floor."""
+    from safetensors.torch import load_file, save_file
+
+    from dq.analysis.analyze import analyze
+    from dq.plan.planner import budget_bytes, load_plan_inputs, make_plan
+    from dq.plan.policy import Policy
+    from dq.quant.formats import FORMATS
+    from dq.testing_moe import upcycle_moe
+
+    model = upcycle_moe(tiny_llama_dir, tmp_path / "mixtral", kind="mixtral", n_experts=4, top_k=2)
+    sd = load_file(model / "model.safetensors")
+    key = next(k for k in sd if ".layers.1." in k and ("experts.2.w2" in k or "experts.2.down" in k
+                                                       or k.endswith("experts.down_proj")))
+    if sd[key].ndim == 3:
+        sd[key][2] *= 40.0
+    else:
+        sd[key] *= 40.0
+    save_file(sd, model / "model.safetensors", metadata={"format": "pt"})
+    a = analyze(model, tmp_path / "an", AnalyzeOptions(candidates=("Q4_K", "IQ2_XXS", "IQ1_S"), n_tokens=512,
+                                                       seq_len=128, grad_tokens=256, act_tokens=64, plots=False,
+                                                       ablation_tokens=256))
+    found = [e for e in a.extra["super_experts"] if e["layer"] == 1 and e["expert"] == 2]
+    assert found and found[0]["ablation_kld"] >= Policy().super_expert_min_kld, a.extra["super_experts"]
+    inputs = load_plan_inputs(tmp_path / "an")
+    n = sum(math.prod(s.shape) for s in inputs.sources)
+    plan = make_plan(inputs, budget_bytes(None, 3.0, n), policy=Policy.named("unsloth-moe"))
+    t = plan.tensors["blk.1.ffn_down_exps.weight"]
+    assert t.reason == "super expert"
+    assert FORMATS[t.type].bits_per_weight >= FORMATS[Policy().protected_expert_floor].bits_per_weight
