@@ -288,27 +288,35 @@ def _measure_split(p: torch.Tensor, hf_name: str, parts, rec: TensorGrads | None
 
 def _measure_experts(sk: ModelSkeleton, path: str, names: tuple[str, str, str], imatrix: dict[str, ImatrixEntry],
                      grads: dict[str, TensorGrads], opt: AnalyzeOptions, found: Found) -> None:
+    """The merged gate/up/down expert tensors of one MoE module. Only each expert's measured rows are copied
+    (``max_elements`` spread over the experts: a few rows each for 256 experts), never every expert at once."""
     mod = sk.module(path)
     p = {k: v.detach() for k, v in expert_params(mod).items()}
     n_exp = p["down_proj"].shape[0]
     param = f"{path}.gate_up_proj" if "gate_up_proj" in p else f"{path}.gate_proj"
     for gname, kind in zip(names, ("gate", "up", "down")):
-        ws = []
-        for e in range(n_exp):
+        def matrix(e: int, kind=kind) -> torch.Tensor:
             if kind == "down":
-                ws.append(down_weight(mod, p, e).float().cpu().numpy())
-            else:
-                g, u = split_gate_up(mod, p, e)
-                ws.append((g if kind == "gate" else u).float().cpu().numpy())
+                return down_weight(mod, p, e)
+            g, u = split_gate_up(mod, p, e)
+            return g if kind == "gate" else u
+
+        rows, cols = (int(d) for d in matrix(0).shape)
         entry, rec = imatrix.get(gname), grads.get(gname)
-        mats = [MatrixInput(ws[e], _expert_importance(entry, e), rec.sample_matrix(e) if rec else None,
-                            rec.stacked(e) if rec else None) for e in range(n_exp)]
-        shape = (n_exp, *ws[0].shape)
-        errors = measure_tensor(mats, shape, opt.candidates, max_elements=opt.max_elements, seed=opt.seed,
-                                n_threads=opt.n_threads, device=opt.device, subsets=rec.rows if rec else None)
+        subsets = rec.rows if rec else row_subsets(n_exp, rows, cols, opt.max_elements, opt.seed)
+        mats, max_abs = [], 0.0
+        for e, sub in enumerate(subsets):
+            w = matrix(e)
+            max_abs = max(max_abs, float(w.abs().max()))
+            w = w if sub is None else w[torch.from_numpy(sub).to(w.device)]
+            mats.append(MatrixInput(w.float().cpu().numpy(), _expert_importance(entry, e),
+                                    rec.sample_matrix(e) if rec else None, rec.stacked(e) if rec else None))
+        shape = (n_exp, rows, cols)
+        errors = measure_tensor(mats, shape, opt.candidates, n_threads=opt.n_threads, device=opt.device,
+                                subsets=[None] * n_exp)
         found.tensors.append(TensorMeasurement(
             name=gname, hf_name=f"{path}.down_proj" if kind == "down" else param, role=classify(gname),
-            layer=layer_index(gname), shape=shape, errors=errors, max_abs=float(max(np.abs(w).max() for w in ws)),
+            layer=layer_index(gname), shape=shape, errors=errors, max_abs=max_abs,
         ))
 
 

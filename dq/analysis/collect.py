@@ -156,10 +156,14 @@ def expert_biases(mod: nn.Module, p: dict[str, torch.Tensor], e: int) -> tuple:
 
 
 def gating(mod: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The experts module's own gating of gate outputs ``a`` and up outputs ``b``: ``act(a) * b``, or the
-    module's ``_apply_gate`` on the interleaved pair (gpt-oss: clamped, ``(up + 1) * gate * sigmoid(alpha gate)``)."""
+    """The experts module's own gating of gate outputs ``a`` and up outputs ``b``: its ``_apply_gate`` on the
+    pair laid out as the module lays it out (halves, or interleaved for ``is_concatenated=False``: gpt-oss's
+    clamped ``(up + 1) * gate * sigmoid(alpha * gate)``), else ``act_fn(a) * b``."""
     if hasattr(mod, "_apply_gate"):
-        gu = torch.stack([a, b], dim=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+        if getattr(mod, "is_concatenated", True):
+            gu = torch.cat([a, b], dim=-1)
+        else:
+            gu = torch.stack([a, b], dim=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
         return mod._apply_gate(gu)
     return mod.act_fn(a) * b
 
@@ -267,16 +271,29 @@ class BlockCollector:
             ids = self._ids_for(x2.shape[0])
             idx = idx.reshape(x2.shape[0], -1)
             with torch.no_grad():
-                for e in range(n_exp):
-                    rows = (idx == e).any(-1).nonzero().flatten()
-                    if rows.numel() == 0:
-                        continue
+                # gate/up statistics for every expert at once: each (token, choice) adds the token's x^2
+                flat = idx.reshape(-1).long()
+                tok = torch.arange(x2.shape[0], device=x2.device).repeat_interleave(idx.shape[1])
+                sq = torch.zeros(n_exp, x2.shape[1], dtype=torch.float64, device=x2.device)
+                sq.index_add_(0, flat, (x2.double() ** 2)[tok])
+                counts = torch.bincount(flat, minlength=n_exp).cpu().numpy()
+                sq = sq.cpu().numpy()
+                for st in (gate, up):
+                    st.sums += sq
+                    st.counts += counts
+                # down inputs need each expert's own forward: only the experts that got tokens
+                order = torch.argsort(flat, stable=True)
+                starts = np.concatenate([[0], np.cumsum(counts)])
+                for e in np.nonzero(counts)[0]:
+                    rows = tok[order[starts[e]:starts[e + 1]]]
                     xe = x2[rows]
                     ide = ids[rows.cpu().numpy()]
-                    gate.add(e, xe, ide, self.sampled)
-                    up.add(e, xe, ide, self.sampled)
-                    _, _, h, y = expert_forward(module, p, e, xe)
-                    down.add(e, h, ide, self.sampled, y)
+                    keep = self.sampled[ide]
+                    if keep.any():
+                        for st in (gate, up):
+                            st.samples[e].append(xe[torch.from_numpy(keep).to(xe.device)].cpu().numpy())
+                    _, _, h, y = expert_forward(module, p, int(e), xe)
+                    down.add(int(e), h, ide, self.sampled, y)
             return None
 
         self._handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))

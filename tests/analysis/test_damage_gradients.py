@@ -114,23 +114,37 @@ def test_streamed_damage_equals_whole_model(tiny_llama_dir, tmp_path):
     assert all(v > 0 for v in kld.values())
 
 
-@pytest.mark.slow
-def test_streamed_damage_of_merged_experts(tiny_llama_dir, tmp_path):
+def _expert_slices(transposed: bool, concatenated: bool):
     from dq.analysis.collect import down_weight, split_gate_up
-    from dq.testing_moe import upcycle_moe
 
-    model_dir = upcycle_moe(tiny_llama_dir, tmp_path / "mixtral", kind="mixtral", n_experts=4, top_k=2)
+    class _Layout:  # the layout flags split_gate_up/down_weight read from an experts module
+        is_transposed = transposed
+        is_concatenated = concatenated
 
     def slices(t, fused):
-        class _M:  # the layout flags split_gate_up/down_weight read
-            is_transposed = False
-
         key = "down_proj" if "down" in t.name else "gate_up_proj"
         p = {key: fused}
         if "down" in t.name:
-            return [down_weight(_M, p, e) for e in range(fused.shape[0])]
-        return [split_gate_up(_M, p, e)[0 if "gate" in t.name else 1] for e in range(fused.shape[0])]
+            return [down_weight(_Layout, p, e) for e in range(fused.shape[0])]
+        return [split_gate_up(_Layout, p, e)[0 if "gate" in t.name else 1] for e in range(fused.shape[0])]
 
+    return slices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_streamed_damage_of_merged_experts(kind, tiny_llama_dir, smollm2_dir, tmp_path):
+    """Per-expert damage from the tokens routed to each expert: Mixtral's halves layout, and gpt-oss's
+    transposed, interleaved gate/up with biases and its own clamped gating."""
+    from dq.testing_archs import tiny_arch
+    from dq.testing_moe import upcycle_moe
+
+    if kind == "mixtral":
+        model_dir = upcycle_moe(tiny_llama_dir, tmp_path / "mixtral", kind="mixtral", n_experts=4, top_k=2)
+        slices = _expert_slices(False, True)
+    else:
+        model_dir = tiny_arch("gpt_oss", tmp_path / "gpt_oss", bpe_tokenizer_dir=smollm2_dir)
+        slices = _expert_slices(True, False)
     a, checked = _check(model_dir, tmp_path / "an", expert_slices=slices)
     experts = [t for t in a.tensors if t.name.endswith("_exps.weight")]
     assert len(experts) == 6 and checked >= 2 * 3 + 2
