@@ -46,6 +46,7 @@ from dq.analysis.collect import (
     expert_params,
     split_gate_up,
 )
+from dq.analysis.coverage import check_supported
 from dq.analysis.gradients import (
     BlockGradients,
     ProbeSpec,
@@ -444,6 +445,9 @@ def analyze(
     _prepare_out(out_dir, ck, state, resume)
 
     mapper = NameMapper(sk.text_config.model_type, sk.n_layers, sk.text_model_path, sk.output_head_path())
+    from dq.convert.source import source_gguf
+
+    check_supported(sk, mapper, source_gguf(model_dir))  # before any work: the converter's tensors, dq's names
     n_tok, seq_len = int(ids.numel()), int(ids.shape[1])
     n_probe = min(int(ids.shape[0]), max(1, opt.grad_tokens // seq_len))
     spec = ProbeSpec(n_probe, seq_len, opt.seed)

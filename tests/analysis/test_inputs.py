@@ -77,3 +77,35 @@ def test_resume_skips_finished_blocks_and_refuses_another_model(tiny_analysis, t
     other = tiny_llama(tmp_path / "other", seed=1, intermediate=768)
     with pytest.raises(AnalysisError, match="resume directory .* holds an analysis of"):
         analyze(other, work, opts, resume=True)
+
+
+def test_unsupported_architecture_fails_before_analysis(tmp_path):
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from dq.errors import UnsupportedArchitectureError
+    from dq.testing import train_sentencepiece
+
+    model = tmp_path / "opt"
+    train_sentencepiece(model, 512)
+    cfg = OPTConfig(vocab_size=512, hidden_size=256, ffn_dim=512, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=256)
+    cfg.architectures = ["OPTForCausalLM"]
+    OPTForCausalLM(cfg).to(torch.bfloat16).save_pretrained(model)
+    with pytest.raises(UnsupportedArchitectureError, match="does not support the architecture 'OPTForCausalLM'"):
+        analyze(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "blocks").exists() or not any((tmp_path / "out" / "blocks").iterdir())
+
+
+def test_names_that_miss_the_conversion_fail_before_analysis(smollm2_dir, tmp_path, monkeypatch):
+    """DeepSeek's kv_b_proj only meets the converter's attn_k_b/attn_v_b through dq's split table: without
+    it, dq stops before measuring anything and names the architectures it supports."""
+    from dq.analysis import coverage
+    from dq.errors import UnsupportedArchitectureError
+    from dq.testing_archs import tiny_arch
+
+    model = tiny_arch("deepseek_v3", tmp_path / "ds", bpe_tokenizer_dir=smollm2_dir)
+    monkeypatch.setattr(coverage, "split_of", lambda *a: None)
+    with pytest.raises(UnsupportedArchitectureError, match=r"attn_kv_b.*supported: llama, mistral, qwen2"):
+        analyze(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "blocks").exists() or not any((tmp_path / "out" / "blocks").iterdir())
