@@ -106,15 +106,26 @@ def main() -> None:
             except Exception as exc:  # report the model that failed, keep the others
                 logging.exception("%s failed", name)
                 rows.append({"model": name, "file": "-", "error": f"{type(exc).__name__}: {exc}"})
-    print(f"{'model':<18} {'file':<16} {'bytes':>12} {'bpw':>6} {'routed bpw':>10} {'other bpw':>9} {'mean KLD':>9} {'same top':>9}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:<18} {r['file']:<16} infeasible: {r['error']}")
-            continue
-        print(f"{r['model']:<18} {r['file']:<16} {r['bytes']:>12,} {r['bpw']:>6.2f} {r['routed_bpw']:>10.2f} "
-              f"{r['other_bpw']:>9.2f} {r['kld_mean']:>9.4f} {100 * r['same_top']:>8.1f}%")
+    text = table(rows)
+    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe_plan.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "moe_plan.md").write_text(
+        f"# MoE plans vs uniform IQ1_S (upcycled MoE models)\n\n`python bench/moe_plan.py --layers {args.layers} "
+        f"--ctx {args.ctx} --chunks {args.chunks}` (KLD on held-out text against the BF16 GGUF; the same imatrix "
+        f"for every file)\n\n{text}\n")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | file | bytes | bpw | routed bpw | other bpw | mean KLD | same top |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['file']} | infeasible: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['file']} | {r['bytes']:,} | {r['bpw']:.2f} | {r['routed_bpw']:.2f} | "
+                     f"{r['other_bpw']:.2f} | {r['kld_mean']:.4f} | {100 * r['same_top']:.1f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -82,13 +82,21 @@ def main() -> None:
                 "dq_bytes": ours.stat().st_size, "llama_cpp_bytes": ref.stat().st_size,
                 "identical_tensors": _same_tensors(ours, ref),
             })
-    print(f"model {args.model}, {mb:.0f} MB BF16 input, {os.cpu_count()} CPU threads, {platform.processor() or platform.machine()}")
-    print(f"{'recipe':<10} {'dq s':>7} {'dq MB/s':>8} {'llama.cpp s':>12} {'llama.cpp MB/s':>15} {'identical tensors':>18}")
+    head = (f"model {args.model}, {mb:.0f} MB BF16 input, {os.cpu_count()} CPU threads, "
+            f"{platform.processor() or platform.machine()}; best of {args.repeat}")
+    lines = [head, "", "| recipe | dq s | dq MB/s | llama.cpp s | llama.cpp MB/s | dq / llama.cpp time | identical tensors |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"{r['recipe']:<10} {r['dq_s']:>7.2f} {r['dq_mb_s']:>8.1f} {r['llama_cpp_s']:>12.2f} "
-              f"{r['llama_cpp_mb_s']:>15.1f} {str(r['identical_tensors']):>18}")
+        lines.append(f"| {r['recipe']} | {r['dq_s']:.2f} | {r['dq_mb_s']:.1f} | {r['llama_cpp_s']:.2f} | "
+                     f"{r['llama_cpp_mb_s']:.1f} | {r['dq_s'] / r['llama_cpp_s']:.2f}x | {r['identical_tensors']} |")
+    text = "\n".join(lines)
+    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "cpus": os.cpu_count(), "rows": rows}, indent=1))
+    args.out.with_suffix(".md").write_text(
+        f"# Quantization speed: dq vs llama.cpp's llama_model_quantize\n\n`python bench/quantize_speed.py "
+        f"--model {args.model} --repeat {args.repeat}` (run alone; dq's time includes resolving the preset)\n\n"
+        f"{text}\n")
 
 
 if __name__ == "__main__":
