@@ -24,7 +24,6 @@ from dq.kernels import act_stats, dequantize, quant_error
 from dq.kernels.api import TRITON_DEQUANT_FORMATS
 from dq.quant import QuantFormat, libggml, tensor_nbytes
 
-HBM_GBPS = 3350.0
 TYPES = [QuantFormat.Q8_0, QuantFormat.Q4_0, QuantFormat.Q4_1, QuantFormat.Q5_0, QuantFormat.Q5_1,
          QuantFormat.TQ1_0, QuantFormat.TQ2_0, QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K,
          QuantFormat.Q5_K, QuantFormat.Q6_K]
@@ -49,15 +48,54 @@ def gpu_time(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / 1000 / reps
 
 
+def measured_hbm_gbps() -> float:
+    """Copy bandwidth of this GPU: a 2 GiB device-to-device copy, bytes read + written per second."""
+    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / gpu_time(lambda: dst.copy_(src), reps=20) / 1e9
+
+
+def render(doc: dict) -> str:
+    m = doc["meta"]
+    hbm = m["hbm_gbps"]
+    lines = [f"# dq.kernels on {m['gpu']} (bench/kernels.py)", "",
+             f"torch {m['torch']}, triton {m.get('triton')}; HBM copy bandwidth measured in the same run: "
+             f"{hbm:.0f} GB/s; CPU baseline: libggml on this machine's {m['cpu_count']} cores "
+             f"({m['libggml_threads']} threads). `err` = fused quantize-dequantize-error kernel, `deq` = GGUF bytes "
+             f"-> bf16, `x cpu` = libggml quantize+dequantize time / kernel time (imatrix quantizers for the "
+             f"last column).", "",
+             "| shape | type | err ms | err GB/s | err %HBM | deq ms | deq GB/s | deq %HBM | libggml ms | err x CPU | "
+             "imatrix err x CPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        deq = (f"{r['deq_bf16_ms']:.3f} | {r['deq_gbps']:.0f} | {100 * r['deq_gbps'] / hbm:.1f}"
+               if r["deq_gbps"] else "- | - | -")
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['type']} | {r['err_ms']:.3f} | {r['err_gbps']:.0f} | "
+                     f"{100 * r['err_gbps'] / hbm:.1f} | {deq} | {r['cpu_quant_dequant_ms']:.1f} | "
+                     f"{r['speedup_err_vs_cpu']:.0f} | {r['speedup_imatrix_vs_cpu']:.0f} |")
+    a = doc["act_stats"]
+    lines += ["", f"act_stats {a['shape'][0]}x{a['shape'][1]} {a['dtype']}: {a['ms']:.3f} ms, {a['gbps']:.0f} GB/s "
+              f"({100 * a['gbps'] / hbm:.1f}% of HBM)"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--render", default=None, help="only write the Markdown of an existing JSON")
     ap.add_argument("--out", default="bench/results/kernels.json")
     ap.add_argument("--shapes", default="4096x4096,4096x14336")
     ap.add_argument("--types", default=",".join(t.value for t in TYPES))
     ap.add_argument("--cpu-rows", type=int, default=0, help="time libggml on this many rows and scale (0: all)")
     args = ap.parse_args()
+    if args.render:
+        doc = json.loads(Path(args.render).read_text())
+        if "hbm_gbps" not in doc["meta"]:
+            raise SystemExit("this JSON has no measured HBM bandwidth")
+        Path(args.render).with_suffix(".md").write_text(render(doc))
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
+    hbm_gbps = measured_hbm_gbps()
+    print(f"measured HBM copy bandwidth: {hbm_gbps:.0f} GB/s")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     types = [QuantFormat(t) for t in args.types.split(",")]
     rows_out = []
@@ -100,8 +138,8 @@ def main() -> int:
             }
             rows_out.append(r)
             print(f"{rows}x{cols:>6} {fmt.value:>6} {r['err_ms']:8.3f} {r['err_gbps']:9.1f} "
-                  f"{100 * r['err_gbps'] / HBM_GBPS:5.1f} {r['deq_bf16_ms'] or 0:8.3f} {deq_gbps or 0:9.1f} "
-                  f"{100 * (deq_gbps or 0) / HBM_GBPS:5.1f} {r['cpu_quant_dequant_ms']:9.1f} "
+                  f"{100 * r['err_gbps'] / hbm_gbps:5.1f} {r['deq_bf16_ms'] or 0:8.3f} {deq_gbps or 0:9.1f} "
+                  f"{100 * (deq_gbps or 0) / hbm_gbps:5.1f} {r['cpu_quant_dequant_ms']:9.1f} "
                   f"{r['speedup_err_vs_cpu']:7.1f}"
                   + f"   imatrix quantizer: {t_im * 1e3:.3f} ms vs libggml {t_cpu_im * 1e3:.1f} ms "
                   f"= {t_cpu_im / t_im:.0f}x", flush=True)
@@ -111,7 +149,7 @@ def main() -> int:
     print(f"act_stats 8192x4096 bf16: {act['ms']:.3f} ms, {act['gbps']:.1f} GB/s")
     meta = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cpu": platform.processor(),
-        "cpu_count": os.cpu_count(), "hbm_gbps": HBM_GBPS,
+        "cpu_count": os.cpu_count(), "hbm_gbps": hbm_gbps, "hbm": "measured: device-to-device copy, same run",
         "libggml_threads": max(1, min(8, os.cpu_count() or 1)),
     }
     try:
@@ -122,8 +160,10 @@ def main() -> int:
         pass
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows_out, "act_stats": act}, indent=2))
-    print(f"wrote {out}")
+    doc = {"meta": meta, "results": rows_out, "act_stats": act}
+    out.write_text(json.dumps(doc, indent=2))
+    out.with_suffix(".md").write_text(render(doc))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -60,10 +60,10 @@ def _predicted(w: np.ndarray, gs: list[np.ndarray], fmt: QuantFormat, im: np.nda
     return 0.5 * sum(float((((d * g).sum(1)) ** 2).sum()) for g in gs)
 
 
-def _check(model_dir, out, expert_slices=None):
+def _check(model_dir, out, expert_slices=None, device="cpu"):
     from dq.analysis.measure import row_subsets
 
-    opts = AnalyzeOptions(**OPTS)
+    opts = AnalyzeOptions(**OPTS, device=device)
     a = analyze(model_dir, out, opts)
     im = read_imatrix(out / "imatrix.gguf")
     model, grads = _whole_model_grads(model_dir, opts)
@@ -107,8 +107,12 @@ def _check(model_dir, out, expert_slices=None):
     return a, checked
 
 
-def test_streamed_damage_equals_whole_model(tiny_llama_dir, tmp_path):
-    a, checked = _check(tiny_llama_dir, tmp_path / "an")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_streamed_damage_equals_whole_model(device, tiny_llama_dir, tmp_path):
+    """On the GPU (--device cuda: backward sweep on the device, Triton kernels for the errors) the streamed
+    numbers equal the same whole-model CPU reference."""
+    a, checked = _check(tiny_llama_dir, tmp_path / "an", device=device)
     assert checked == 2 * 7 + 2  # every block tensor, the head and the embedding
     kld = {t.name: t.error_for(QuantFormat.Q2_K).kld for t in a.tensors if t.errors}
     assert all(v > 0 for v in kld.values())
