@@ -9,6 +9,10 @@ llama.cpp: mean KLD, p99.9 KLD, same-top-token rate, perplexity ratio.
 
     python bench/quality_vs_size.py --models qwen2.5-coder-1.5b --chunks 16
 Prints a table and writes ``bench/results/quality_vs_size_<model>.{json,md,png}``.
+
+Resumable: each measured row is kept under ``<work>/rows/`` keyed by the file's name, size and mtime and the
+KLD settings, and a dq file whose saved plan assigns the same types is not written again, so a rerun after
+an interruption measures only what is missing.
 """
 
 from __future__ import annotations
@@ -44,10 +48,23 @@ RECIPES: dict[str, dict[str, tuple[str, list[tuple[str, str]]]]] = {
 }
 
 
+def _row_key(path: Path, cfg) -> str:
+    import hashlib
+
+    st = path.stat()
+    return hashlib.sha256(f"{path.name}|{st.st_size}|{st.st_mtime_ns}|{cfg.ctx}|{cfg.chunks}".encode()).hexdigest()[:20]
+
+
 def _kld_row(model: str, label: str, kind: str, budget: str, path: Path, base: Path, cfg, n_weights: int,
-             plan=None, plan_s=None) -> dict:
+             rows_dir: Path, plan=None, plan_s=None) -> dict:
     from dq.evals.kld import run_kld
 
+    kept = rows_dir / f"{_row_key(path, cfg)}.json"
+    if kept.is_file():
+        row = json.loads(kept.read_text())
+        row.update(file=label, plan_seconds=plan_s if plan_s is not None else row.get("plan_seconds"))
+        logging.info("%s %-20s reusing the row measured before (%s)", model, label, kept.name)
+        return row
     r = run_kld(path, base, cfg)
     size = path.stat().st_size
     row = {"model": model, "file": label, "kind": kind, "budget": budget, "bytes": size,
@@ -56,7 +73,20 @@ def _kld_row(model: str, label: str, kind: str, budget: str, path: Path, base: P
            "ppl_ratio": r.ppl_ratio, "predicted_kld": plan.predicted_damage if plan else None, "plan_seconds": plan_s}
     logging.info("%s %-20s %13s bytes  KLD %.4f  p99.9 %.3f  same-top %.3f  ppl x%.3f", model, label, f"{size:,}",
                  r.kld_mean, r.kld_p999, r.same_top, r.ppl_ratio)
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row))
+    tmp.replace(kept)
     return row
+
+
+def _same_plan(saved: Path, plan) -> bool:
+    from dq.plan.artifact import QuantPlan
+
+    if not saved.is_file():
+        return False
+    old = QuantPlan.load(saved)
+    return {k: v.name for k, v in old.explicit_types().items()} == {k: v.name for k, v in plan.explicit_types().items()}
 
 
 def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chunks: int, ctx: int) -> list[dict]:
@@ -97,16 +127,20 @@ def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chu
             llama_quantize(base, path, ftype, imatrix=weights, overrides=rules)
         refs.append((f"recipe {rname}", "recipe", rname, path))
     rows = []
+    rows_dir = work / "rows" / name
     for label, kind, budget, path in refs:
-        rows.append(_kld_row(name, label, kind, budget, path, base, cfg, n_weights))
+        rows.append(_kld_row(name, label, kind, budget, path, base, cfg, n_weights, rows_dir))
         t1 = time.time()
         plan = make_plan(inputs, path.stat().st_size)
         plan_s = time.time() - t1
         ours = gdir / f"{name}-dq-at-{budget}.gguf"
-        quantize_gguf(base, ours, assign_types(sources, explicit=plan.explicit_types()), imatrix=inputs.imatrix,
-                      imatrix_name=inputs.imatrix_path.name, tensor_cache=cache)
-        plan.save(ours.with_suffix(".plan.yaml"))
-        rows.append(_kld_row(name, f"dq @ {budget}", "dq", budget, ours, base, cfg, n_weights, plan, plan_s))
+        saved = ours.with_suffix(".plan.yaml")
+        if not (ours.is_file() and _same_plan(saved, plan)):
+            quantize_gguf(base, ours, assign_types(sources, explicit=plan.explicit_types()), imatrix=inputs.imatrix,
+                          imatrix_name=inputs.imatrix_path.name, tensor_cache=cache)
+            plan.save(saved)
+        rows.append(_kld_row(name, f"dq @ {budget}", "dq", budget, ours, base, cfg, n_weights, rows_dir, plan,
+                             plan_s))
     return rows
 
 

@@ -1,6 +1,8 @@
-"""Analyze on upcycled MoE models (Mixtral, Qwen2-MoE with shared expert) and a LLaVA-style VLM.
+"""Analyze on MoE models (Mixtral, Qwen2-MoE with shared expert) and a LLaVA-style VLM.
 
-The fixtures upcycle the tiny Llama (fast); `dq.testing_moe`/`dq.testing_vlm` do the same from SmolLM2.
+Mixtral is upcycled from the tiny Llama (`dq.testing_moe`); Qwen2-MoE is built from its config class with
+SmolLM2's BPE tokenizer (`dq.testing_archs`), since llama.cpp's converter reads Qwen2-MoE vocabularies only
+as GPT-2 BPE with a pre-tokenizer it knows.
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ OPTS = AnalyzeOptions(candidates=("Q4_K", "IQ2_XXS"), **FAST)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_moe_per_expert_imatrix_and_errors(kind, tiny_llama_dir, tmp_path):
-    from dq.testing_moe import upcycle_moe
+def test_moe_per_expert_imatrix_and_errors(kind, request, tmp_path):
+    if kind == "mixtral":
+        from dq.testing_moe import upcycle_moe
 
-    model = upcycle_moe(tiny_llama_dir, tmp_path / kind, kind=kind, n_experts=4, top_k=2)
+        model = upcycle_moe(request.getfixturevalue("tiny_llama_dir"), tmp_path / kind, kind=kind, n_experts=4,
+                            top_k=2)
+    else:
+        from dq.testing_archs import tiny_arch
+
+        model = tiny_arch(kind, tmp_path / kind, bpe_tokenizer_dir=request.getfixturevalue("smollm2_dir"))
     a = analyze(model, tmp_path / "out", OPTS)
     by = a.by_name()
     im = read_imatrix(tmp_path / "out" / "imatrix.gguf")

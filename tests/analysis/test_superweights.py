@@ -45,7 +45,10 @@ def test_planted_super_weight_found_exactly(smollm2_dir, tmp_path):
     ids = sample_calibration(AutoTokenizer.from_pretrained(smollm2_dir), opts.n_tokens // opts.seq_len, opts.seq_len,
                              seed=opts.seed).ids
     x_max, y_max = _down_proj_maxima(smollm2_dir, ids)
-    col = int(torch.argmax(x_max))  # plant where the input already spikes, as a real super weight sits
+    col = int(torch.argmax(x_max))  # plant where the input already peaks, as a real super weight sits
+    # A super weight sits on a massive input channel (Yu et al.); where this layer's peak is not one, make it one:
+    # scaling up_proj's row scales that intermediate channel (act(gate x) * (up x)) on every token.
+    boost = max(1.0, 40.0 / float(x_max[col] / x_max.median()))
     planted = tmp_path / "planted"
     shutil.copytree(smollm2_dir, planted, ignore=shutil.ignore_patterns("*.safetensors"))
     cfg = json.loads((planted / "config.json").read_text())
@@ -53,8 +56,11 @@ def test_planted_super_weight_found_exactly(smollm2_dir, tmp_path):
     (planted / "config.json").write_text(json.dumps(cfg))
     sd = {k: v for k, v in load_file(smollm2_dir / "model.safetensors").items()
           if ".layers." not in k or int(k.split(".")[2]) < KEEP_LAYERS}
+    up = f"model.layers.{LAYER}.mlp.up_proj.weight"
+    sd[up] = sd[up].clone()
+    sd[up][col] = (sd[up][col].float() * boost).to(sd[up].dtype)
     key = f"model.layers.{LAYER}.mlp.down_proj.weight"
-    value = 50.0 * y_max / float(x_max[col])  # its output is 50x the layer's largest
+    value = 50.0 * y_max / (boost * float(x_max[col]))  # its output is 50x the layer's largest
     sd[key] = sd[key].clone()
     sd[key][ROW, col] = value
     save_file(sd, planted / "model.safetensors", metadata={"format": "pt"})
