@@ -48,19 +48,23 @@ def gpu_time(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / 1000 / reps
 
 
-def measured_hbm_gbps() -> float:
-    """Copy bandwidth of this GPU: a 2 GiB device-to-device copy, bytes read + written per second."""
-    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda")
+def measured_hbm_gbps() -> dict:
+    """This GPU's memory bandwidth, measured: the best of a 2 GiB read (sum), write (fill) and copy."""
+    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda").normal_()
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / gpu_time(lambda: dst.copy_(src), reps=20) / 1e9
+    n = src.numel() * 4
+    got = {"read": n / gpu_time(lambda: src.sum()) / 1e9,
+           "write": n / gpu_time(lambda: dst.fill_(1.0)) / 1e9,
+           "copy": 2 * n / gpu_time(lambda: dst.copy_(src)) / 1e9}
+    return {**got, "best": max(got.values())}
 
 
 def render(doc: dict) -> str:
     m = doc["meta"]
     hbm = m["hbm_gbps"]
     lines = [f"# dq.kernels on {m['gpu']} (bench/kernels.py)", "",
-             f"torch {m['torch']}, triton {m.get('triton')}; HBM copy bandwidth measured in the same run: "
-             f"{hbm:.0f} GB/s; CPU baseline: libggml on this machine's {m['cpu_count']} cores "
+             f"torch {m['torch']}, triton {m.get('triton')}; HBM bandwidth measured in the same run (best of a "
+             f"2 GiB read, write and copy): {hbm:.0f} GB/s; CPU baseline: libggml on this machine's {m['cpu_count']} cores "
              f"({m['libggml_threads']} threads). `err` = fused quantize-dequantize-error kernel, `deq` = GGUF bytes "
              f"-> bf16, `x cpu` = libggml quantize+dequantize time / kernel time (imatrix quantizers for the "
              f"last column).", "",
@@ -94,8 +98,9 @@ def main() -> int:
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
-    hbm_gbps = measured_hbm_gbps()
-    print(f"measured HBM copy bandwidth: {hbm_gbps:.0f} GB/s")
+    hbm = measured_hbm_gbps()
+    hbm_gbps = hbm["best"]
+    print("measured HBM bandwidth (GB/s): " + ", ".join(f"{k} {v:.0f}" for k, v in hbm.items()))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     types = [QuantFormat(t) for t in args.types.split(",")]
     rows_out = []
@@ -149,7 +154,7 @@ def main() -> int:
     print(f"act_stats 8192x4096 bf16: {act['ms']:.3f} ms, {act['gbps']:.1f} GB/s")
     meta = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cpu": platform.processor(),
-        "cpu_count": os.cpu_count(), "hbm_gbps": hbm_gbps, "hbm": "measured: device-to-device copy, same run",
+        "cpu_count": os.cpu_count(), "hbm_gbps": hbm_gbps, "hbm_measured": hbm,
         "libggml_threads": max(1, min(8, os.cpu_count() or 1)),
     }
     try:

@@ -23,7 +23,8 @@ ERR_TILES = {
     QuantFormat.TQ2_0: (2, 4, 8, 16), QuantFormat.Q4_K: (2, 4, 8, 16), QuantFormat.Q5_K: (4, 8, 16),
     QuantFormat.Q2_K: (4, 8, 16), QuantFormat.Q3_K: (4, 8, 16), QuantFormat.Q6_K: (2, 4, 8, 16),
 }
-DEQ_TILES = {f: (2, 4, 8, 16) for f in (QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.TQ1_0)}
+DEQ_TILES = {f: (2, 4, 8, 16) for f in (QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K,
+                                      QuantFormat.Q6_K, QuantFormat.TQ1_0)}
 WARPS = (1, 2, 4, 8)
 
 

@@ -58,7 +58,7 @@ def _scale_min_k4(p, base, js, mask):
 @triton.jit
 def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
                     BLOCK: tl.constexpr):
-    # elementwise types; Q3_K, Q4_K, Q5_K and TQ1_0 run in _dequant_sub_kernel
+    # elementwise types; the K-quants and TQ1_0 run in _dequant_sub_kernel
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < n_elem
     b = (e // QK) * TS
@@ -83,23 +83,6 @@ def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr,
             y = (q - 16).to(tl.float32) * _f16(src, b, mask)
         else:
             y = q.to(tl.float32) * _f16(src, b, mask) + _f16(src, b + 2, mask)
-    elif KIND == 5:  # Q2_K: scales[16] qs[64] d dmin
-        r = j % 128
-        q = (_u8(src, b + 16 + (j // 128) * 32 + r % 32, mask) >> ((r // 32) * 2)) & 3
-        sc = _u8(src, b + j // 16, mask)
-        dl = _f16(src, b + 80, mask) * (sc & 0xF).to(tl.float32)
-        ml = _f16(src, b + 82, mask) * (sc >> 4).to(tl.float32)
-        y = dl * q.to(tl.float32) - ml
-    elif KIND == 9:  # Q6_K: ql[128] qh[64] scales[16] d
-        n128 = j // 128
-        r = j % 128
-        l = r % 32
-        g = r // 32
-        lo = (_u8(src, b + n128 * 64 + l + 32 * (g % 2), mask) >> ((g // 2) * 4)) & 0xF
-        hi = (_u8(src, b + 128 + n128 * 32 + l, mask) >> (g * 2)) & 3
-        q = (lo | (hi << 4)) - 32
-        sc = _u8(src, b + 192 + n128 * 8 + l // 16 + 2 * g, mask).to(tl.int8).to(tl.float32)
-        y = (_f16(src, b + 208, mask) * sc) * q.to(tl.float32)
     elif KIND == 10:  # TQ2_0: qs[64] d
         r = j % 128
         q = (_u8(src, b + (j // 128) * 32 + r % 32, mask) >> ((r // 32) * 2)) & 3
@@ -125,7 +108,10 @@ def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr,
 # Super-block types whose per-element header decoding made the elementwise kernel L1-bound: here a
 # program takes NB whole blocks as an [NB, NSUB, SUBLEN] tile, decodes d, dmin and the packed sub-block
 # scales once per [NB, NSUB], and broadcasts them over the sub-block's weights.
-_SUB = {QuantFormat.Q3_K: (16, 16), QuantFormat.Q4_K: (8, 32), QuantFormat.Q5_K: (8, 32), QuantFormat.TQ1_0: (1, 256)}
+_SUB = {QuantFormat.Q2_K: (16, 16), QuantFormat.Q3_K: (16, 16), QuantFormat.Q4_K: (8, 32), QuantFormat.Q5_K: (8, 32),
+        QuantFormat.Q6_K: (16, 16), QuantFormat.TQ1_0: (1, 256)}
+# (blocks per program, warps) from bench/kernels_sweep.py: Q2_K and Q6_K on an H200, the rest on an H100
+_SUB_LAUNCH = {QuantFormat.Q2_K: (8, 1), QuantFormat.Q6_K: (4, 1)}
 
 
 @triton.jit
@@ -152,6 +138,23 @@ def _dequant_sub_kernel(src, dst, n_blocks, KIND: tl.constexpr, TS: tl.constexpr
         if KIND == 8:
             q = q | (((_u8(src, b3 + 16 + t[None, None, :], m3) >> js[None, :, None]) & 1) << 4)
         y = d1[:, :, None] * q.to(tl.float32) - m1[:, :, None]
+    elif KIND == 5:  # Q2_K: scales[16] qs[64] d dmin; sub-block js of 16 weights: scale byte js
+        sc = _u8(src, b2 + js[None, :], m2)
+        dl = _f16(src, b + 80, bmask)[:, None] * (sc & 0xF).to(tl.float32)
+        ml = _f16(src, b + 82, bmask)[:, None] * (sc >> 4).to(tl.float32)
+        r = j3 % 128
+        q = (_u8(src, b3 + 16 + (j3 // 128) * 32 + r % 32, m3) >> ((r // 32) * 2)) & 3
+        y = dl[:, :, None] * q.to(tl.float32) - ml[:, :, None]
+    elif KIND == 9:  # Q6_K: ql[128] qh[64] scales[16] d; weight j's int8 scale is scales[j // 16]
+        sc = _u8(src, b2 + 192 + js[None, :], m2).to(tl.int8).to(tl.float32)
+        dl = _f16(src, b + 208, bmask)[:, None] * sc
+        n128 = j3 // 128
+        r = j3 % 128
+        l = r % 32
+        g = r // 32
+        lo = (_u8(src, b3 + n128 * 64 + l + 32 * (g % 2), m3) >> ((g // 2) * 4)) & 0xF
+        hi = (_u8(src, b3 + 128 + n128 * 32 + l, m3) >> (g * 2)) & 3
+        y = dl[:, :, None] * ((lo | (hi << 4)) - 32).to(tl.float32)
     elif KIND == 6:  # Q3_K: hmask[32] qs[64] scales[12] d
         low = (_u8(src, b2 + 96 + js[None, :] % 8, m2) >> ((js[None, :] // 8) * 4)) & 0xF
         high = (_u8(src, b2 + 104 + js[None, :] % 4, m2) >> ((js[None, :] // 4) * 2)) & 3
@@ -192,7 +195,7 @@ def dequantize_triton(data: torch.Tensor, fmt: QuantFormat, n_elem: int, dtype: 
         fmt: one of :data:`TRITON_DEQUANT_FORMATS`.
         n_elem: number of weights in the payload.
         dtype: float32 or bfloat16 output.
-        tile: blocks per program (Q3_K, Q4_K, Q5_K, TQ1_0) or weights per program (the rest); tuning only.
+        tile: blocks per program (the K-quants, TQ1_0) or weights per program (the rest); tuning only.
         num_warps: warps per program; tuning only.
 
     Returns:
@@ -202,11 +205,12 @@ def dequantize_triton(data: torch.Tensor, fmt: QuantFormat, n_elem: int, dtype: 
     out = torch.empty(n_elem, device=data.device, dtype=dtype)
     if fmt in _SUB:
         nsub, sublen = _SUB[fmt]
-        nb = tile or 8  # launch shape from bench/kernels_sweep.py on an H100
+        nb0, warps0 = _SUB_LAUNCH.get(fmt, (8, 2))
+        nb = tile or nb0
         n_blocks = n_elem // spec.block_size
         _dequant_sub_kernel[(triton.cdiv(n_blocks, nb),)](
             data, out, n_blocks, KIND=_KIND[fmt], TS=spec.type_size, NB=nb, NSUB=nsub, SUBLEN=sublen,
-            num_warps=num_warps or 2, enable_fp_fusion=False,
+            num_warps=num_warps or warps0, enable_fp_fusion=False,
         )
         return out
     block = tile or 1024
