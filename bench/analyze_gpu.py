@@ -14,7 +14,7 @@ Subcommands (the GPU machine gets the model through a 64 MiB carry limit, hence 
   libggml on the CPU vs the kernel path on ``--device`` (errors and time per tensor).
 - ``report``: compare the JSONs of a cuda and a cpu ``run`` (+ ``quantizer``) into a markdown file.
 
-Usage (see bench/results/analyze_gpu_vs_cpu.md for the commands of the recorded run):
+Usage (see docs/results/analyze_gpu_vs_cpu.md for the commands of the recorded run):
     python bench/analyze_gpu.py pack --layers 4 --out .devcarry/smollm2
     python bench/analyze_gpu.py unpack --src .devcarry/smollm2 --dst /tmp/smollm2-4l
     python bench/analyze_gpu.py run --model /tmp/smollm2-4l --device cuda --json gpu.json

@@ -26,7 +26,7 @@ Two paths (:func:`measure_path` picks one per run and logs it):
   sums, and Q(W) for ``act_err`` (a float64 matmul on the device). The kernels port ggml's quantizers
   bit-exactly, the imatrix-aware ``quantize_row_*_impl`` searches included (used whenever importance
   weights are present, as libggml does), so the GPU table equals the CPU table up to the forward pass
-  running on another device (``bench/results/analyze_gpu_vs_cpu.md``). IQ types, IQ4_NL, MXFP4 and
+  running on another device (``docs/results/analyze_gpu_vs_cpu.md``). IQ types, IQ4_NL, MXFP4 and
   float types always use libggml.
 """
 
