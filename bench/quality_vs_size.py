@@ -12,7 +12,8 @@ Prints a table and writes ``bench/results/quality_vs_size_<model>.{json,md,png}`
 
 Resumable: each measured row is kept under ``<work>/rows/`` keyed by the file's name, size and mtime and the
 KLD settings, and a dq file whose saved plan assigns the same types is not written again, so a rerun after
-an interruption measures only what is missing.
+an interruption measures only what is missing. Every file also gets the damage model's prediction (the sum
+of the analysis's per-tensor ``kld`` at the file's types), stock and recipe files included.
 """
 
 from __future__ import annotations
@@ -80,6 +81,26 @@ def _kld_row(model: str, label: str, kind: str, budget: str, path: Path, base: P
     return row
 
 
+def predicted_for_file(dm, path: Path) -> float | None:
+    """The damage model's prediction for any GGUF (stock, recipe, dq): the sum of the analysis's per-tensor
+    ``kld`` at the file's types; None if a type of the file is not among the analysed candidates."""
+    from gguf import GGMLQuantizationType
+
+    from dq.quant.formats import QuantFormat
+    from dq.quant.gguf_header import read_gguf_header
+
+    total = 0.0
+    for t in read_gguf_header(path).tensors:
+        name = GGMLQuantizationType(t.ggml_type).name
+        if name in ("F32", "F16", "BF16") or t.name not in dm.kld:
+            continue
+        d = dm.damage(t.name, QuantFormat(name))
+        if d is None:
+            return None
+        total += d
+    return total
+
+
 def _same_plan(saved: Path, plan) -> bool:
     from dq.plan.artifact import QuantPlan
 
@@ -96,6 +117,7 @@ def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chu
     from dq.evals.kld import KLDConfig
     from dq.export.gguf_quantize import quantize_gguf
     from dq.export.tensor_cache import TensorCache
+    from dq.plan.damage import DamageModel
     from dq.plan.planner import load_plan_inputs, make_plan
     from dq.quant.assign import assign_types, read_source_tensors
     from dq.quant.llama_quantize import llama_quantize
@@ -128,8 +150,10 @@ def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chu
         refs.append((f"recipe {rname}", "recipe", rname, path))
     rows = []
     rows_dir = work / "rows" / name
+    dm = DamageModel.from_analysis(inputs.analysis)
     for label, kind, budget, path in refs:
         rows.append(_kld_row(name, label, kind, budget, path, base, cfg, n_weights, rows_dir))
+        rows[-1]["predicted_kld"] = predicted_for_file(dm, path)
         t1 = time.time()
         plan = make_plan(inputs, path.stat().st_size)
         plan_s = time.time() - t1
@@ -163,11 +187,12 @@ def verdicts(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict], ver: list[dict]) -> str:
-    lines = ["| model | file | bytes | bits/weight | mean KLD (± s.e.) | p99.9 KLD | same top | PPL ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | file | bytes | bits/weight | mean KLD (± s.e.) | predicted KLD | p99.9 KLD | same top | "
+             "PPL ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        pred = "-" if r.get("predicted_kld") is None else f"{r['predicted_kld']:.4g}"
         lines.append(f"| {r['model']} | {r['file']} | {r['bytes']:,} | {r['bpw']:.3f} | {r['kld_mean']:.4f} ± "
-                     f"{r['kld_mean_stderr']:.4f} | {r['kld_p999']:.3f} | {100 * r['same_top']:.1f}% | "
+                     f"{r['kld_mean_stderr']:.4f} | {pred} | {r['kld_p999']:.3f} | {100 * r['same_top']:.1f}% | "
                      f"{r['ppl_ratio']:.3f} |")
     lines += ["", "| model | budget | dq KLD / reference KLD | reference | target | met |", "|---|---|---|---|---|---|"]
     for v in ver:
