@@ -257,7 +257,8 @@ def main() -> None:
         stem = args.results / f"quality_vs_size_{m}"
         stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "verdicts": ver}, indent=1))
         cmd = (f"python bench/quality_vs_size.py --models {m} --chunks {args.chunks}"
-               + (f" --presets {' '.join(args.presets)}" if args.presets != PRESETS else ""))
+               + (f" --presets {' '.join(args.presets)}" if args.presets != PRESETS else "")
+               + (f" --recipes {' '.join(recipes)}" if recipes != list(RECIPES.get(m, {})) else ""))
         stem.with_suffix(".md").write_text(f"# Quality vs size: {m}\n\n`{cmd}`\n\n{text}\n")
         plot(rows, stem.with_suffix(".png"))
 
