@@ -33,9 +33,14 @@ inputs = load_plan_inputs(adir)
 n = sum(math.prod(s.shape) for s in read_source_tensors(inputs.source_gguf))
 t_load = time.time() - t1
 per = []
+from dq.errors import BudgetError
 for b in bpws:
     t = time.time()
-    plan = make_plan(inputs, budget_bytes(None, b, n))
+    try:
+        plan = make_plan(inputs, budget_bytes(None, b, n))
+    except BudgetError:  # below this model's smallest file (e.g. SmolLM2's 32-block fallbacks)
+        per.append({"bpw": b, "seconds": time.time() - t, "bytes": None, "predicted_kld": None})
+        continue
     per.append({"bpw": b, "seconds": time.time() - t, "bytes": plan.total_bytes, "predicted_kld": plan.predicted_damage})
 print(json.dumps({"import_s": t_import, "load_s": t_load, "plans": per, "n_weights": n,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -83,7 +88,11 @@ def table(rows: list[dict]) -> str:
     lines += ["", "| model | bits/weight budget | seconds | bytes | predicted mean KLD |", "|---|---|---|---|---|"]
     for r in rows:
         for p in r["plans"]:
-            lines.append(f"| {r['model']} | {p['bpw']} | {p['seconds']:.2f} | {p['bytes']:,} | {p['predicted_kld']:.4g} |")
+            if p["bytes"] is None:
+                lines.append(f"| {r['model']} | {p['bpw']} | {p['seconds']:.2f} | below the smallest file | - |")
+            else:
+                lines.append(f"| {r['model']} | {p['bpw']} | {p['seconds']:.2f} | {p['bytes']:,} | "
+                             f"{p['predicted_kld']:.4g} |")
     return "\n".join(lines)
 
 
