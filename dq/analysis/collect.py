@@ -24,7 +24,7 @@ from torch import nn
 from dq.analysis.names import NameMapper
 from dq.analysis.roles import TensorRole, classify
 
-__all__ = ["TensorStats", "BlockCollector", "is_linear_like", "expert_params", "expert_modules", "split_gate_up",
+__all__ = ["TensorStats", "BlockHooks", "BlockCollector", "is_linear_like", "expert_params", "expert_modules", "split_gate_up",
            "down_weight", "expert_biases", "gating", "expert_forward", "call_input"]
 
 _DOWN_ROLES = (TensorRole.FFN_DOWN, TensorRole.SHARED_DOWN, TensorRole.EXPERT_DOWN)
@@ -189,7 +189,37 @@ def call_input(args: tuple, kwargs: dict, key: str) -> torch.Tensor:
     return kwargs[key]
 
 
-class BlockCollector:
+class BlockHooks:
+    """Hooks on one decoder block's linear-like modules and expert containers, removed on exit; a subclass
+    says what each hook records (``_install_linear``, ``_install_experts``) and keeps them in ``_handles``."""
+
+    block: nn.Module
+    block_path: str
+    _handles: list
+
+    def __enter__(self) -> BlockHooks:
+        for rel, mod in self.block.named_modules():
+            path = f"{self.block_path}.{rel}" if rel else self.block_path
+            ep = expert_params(mod)
+            if ep is not None:
+                self._install_experts(path, mod, ep)
+            elif is_linear_like(mod):
+                self._install_linear(path, mod)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _install_linear(self, path: str, mod: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _install_experts(self, path: str, mod: nn.Module, ep: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class BlockCollector(BlockHooks):
     """Hooks on one block's modules; ``tokens(ids)`` tells them which calibration tokens flow next.
 
     Args:
@@ -212,20 +242,6 @@ class BlockCollector:
     def tokens(self, token_ids: np.ndarray) -> None:
         self._token_ids = token_ids
 
-    def __enter__(self) -> BlockCollector:
-        for rel, mod in self.block.named_modules():
-            path = f"{self.block_path}.{rel}" if rel else self.block_path
-            ep = expert_params(mod)
-            if ep is not None:
-                self._install_experts(path, mod, ep)
-            elif is_linear_like(mod):
-                self._install_linear(path, mod)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _install_linear(self, path: str, mod: nn.Module) -> None:
         name = self.mapper.gguf_name(f"{path}.weight")

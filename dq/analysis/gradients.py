@@ -42,12 +42,11 @@ import torch
 from torch import nn
 
 from dq.analysis.collect import (
+    BlockHooks,
     call_input,
     down_weight,
     expert_forward,
-    expert_params,
     gating,
-    is_linear_like,
     split_gate_up,
 )
 from dq.analysis.loader import ModelSkeleton
@@ -117,7 +116,7 @@ class TensorGrads:
         return np.concatenate(self.samples[e]) if self.samples[e] else None
 
 
-class BlockGradients:
+class BlockGradients(BlockHooks):
     """Hooks on one block that record every linear layer's (and merged expert's) probe weight gradient.
 
     Usage, per probe sequence: :meth:`sequence` with its token ids, the block's forward with autograd on,
@@ -150,20 +149,6 @@ class BlockGradients:
         self._token_ids = token_ids
         self._pending.clear()
 
-    def __enter__(self) -> BlockGradients:
-        for rel, mod in self.block.named_modules():
-            path = f"{self.block_path}.{rel}" if rel else self.block_path
-            ep = expert_params(mod)
-            if ep is not None:
-                self._install_experts(path, mod, ep)
-            elif is_linear_like(mod):
-                self._install_linear(path, mod)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _keep(self, n: int) -> torch.Tensor:
         if len(self._token_ids) != n:
