@@ -181,10 +181,10 @@ def write(rows: list[dict], results: Path, argv: str) -> None:
     summary = summarize(rows)
     text = table(rows, summary)
     print(text)
-    stem = results / f"damage_model_{rows[0]['model']}"
-    stem.with_suffix(".json").write_text(json.dumps({"command": argv, "summary": summary, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(f"# Damage model vs measured KLD: {rows[0]['model']}\n\n`{argv}`\n\n{text}\n")
-    plot(rows, summary, stem.with_suffix(".png"))
+    stem = f"damage_model_{rows[0]['model']}"  # model names hold dots (qwen2.5-coder-1.5b): no with_suffix
+    (results / f"{stem}.json").write_text(json.dumps({"command": argv, "summary": summary, "rows": rows}, indent=1))
+    (results / f"{stem}.md").write_text(f"# Damage model vs measured KLD: {rows[0]['model']}\n\n`{argv}`\n\n{text}\n")
+    plot(rows, summary, results / f"{stem}.png")
 
 
 def main() -> None:

@@ -254,13 +254,13 @@ def main() -> None:
         ver = verdicts(rows)
         text = table(rows, ver)
         print(text)
-        stem = args.results / f"quality_vs_size_{m}"
-        stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "verdicts": ver}, indent=1))
+        stem = f"quality_vs_size_{m}"  # model names hold dots (qwen2.5-coder-1.5b): no with_suffix
+        (args.results / f"{stem}.json").write_text(json.dumps({"rows": rows, "verdicts": ver}, indent=1))
         cmd = (f"python bench/quality_vs_size.py --models {m} --chunks {args.chunks}"
                + (f" --presets {' '.join(args.presets)}" if args.presets != PRESETS else "")
                + (f" --recipes {' '.join(recipes)}" if recipes != list(RECIPES.get(m, {})) else ""))
-        stem.with_suffix(".md").write_text(f"# Quality vs size: {m}\n\n`{cmd}`\n\n{text}\n")
-        plot(rows, stem.with_suffix(".png"))
+        (args.results / f"{stem}.md").write_text(f"# Quality vs size: {m}\n\n`{cmd}`\n\n{text}\n")
+        plot(rows, args.results / f"{stem}.png")
 
 
 if __name__ == "__main__":
