@@ -106,8 +106,7 @@ def _same_plan(saved: Path, plan) -> bool:
 
     if not saved.is_file():
         return False
-    old = QuantPlan.load(saved)
-    return {k: v.name for k, v in old.explicit_types().items()} == {k: v.name for k, v in plan.explicit_types().items()}
+    return QuantPlan.load(saved).explicit_types() == plan.explicit_types()
 
 
 def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chunks: int, ctx: int) -> list[dict]:
@@ -117,7 +116,6 @@ def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chu
     from dq.evals.kld import KLDConfig
     from dq.export.gguf_quantize import quantize_gguf
     from dq.export.tensor_cache import TensorCache
-    from dq.plan.damage import DamageModel
     from dq.plan.planner import load_plan_inputs, make_plan
     from dq.quant.assign import assign_types, read_source_tensors
     from dq.quant.llama_quantize import llama_quantize
@@ -150,10 +148,9 @@ def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chu
         refs.append((f"recipe {rname}", "recipe", rname, path))
     rows = []
     rows_dir = work / "rows" / name
-    dm = DamageModel.from_analysis(inputs.analysis)
     for label, kind, budget, path in refs:
         rows.append(_kld_row(name, label, kind, budget, path, base, cfg, n_weights, rows_dir))
-        rows[-1]["predicted_kld"] = predicted_for_file(dm, path)
+        rows[-1]["predicted_kld"] = predicted_for_file(inputs.damage, path)
         t1 = time.time()
         plan = make_plan(inputs, path.stat().st_size)
         plan_s = time.time() - t1
