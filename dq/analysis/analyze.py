@@ -565,6 +565,8 @@ DAMAGE_MODEL = {
     "form": "additive second-order KL: predicted mean KLD = sum over tensors of kld[tensor, type]",
     "kld": "1/2 sum_probes sum_rows ((Q(W)-W)_row . G_probe,row)^2; G = weight gradient of v.logits, "
            "v = sqrt(p)*r - p*(sqrt(p).r), r Rademacher, one probe per sequence over positions S/2..S-2",
+    "rows": "large block tensors: a seeded uniform row subset, scaled by all/measured rows; the LM head: rows "
+            "Poisson-sampled by Fisher mass sum_t p(1-p), weighted 1/inclusion (Horvitz-Thompson)",
 }
 
 
@@ -596,13 +598,14 @@ def _measure_head(sk: ModelSkeleton, mapper: NameMapper, hidden: torch.Tensor, n
     st.add(0, flat, np.arange(flat.shape[0]), np.zeros(flat.shape[0], dtype=bool))
     entry = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
     found.imatrix[gname] = entry
-    rows = row_subsets(1, out_f, in_f, opt.max_elements, opt.seed)[0]
-    g_normed, head_grads = head_probe(sk, head_w, normed[:n_probe], spec, rows, softcap(sk))
+    n_rows = None if opt.max_elements is None or out_f * in_f <= opt.max_elements else max(1, opt.max_elements // in_f)
+    g_normed, rows, head_grads = head_probe(sk, head_w, normed[:n_probe], spec, n_rows, softcap(sk))
     rec = TensorGrads(gname, [rows])
     rec.grads[0] = head_grads
     rec.samples[0] = [normed[:n_probe].reshape(-1, in_f)[torch.from_numpy(sampled)].numpy()]
     del normed, flat
-    _measure_rows(sk, head_w, gname, emb_w if tied else head_w, entry, rec, opt, found)
+    # the head's gradients are Horvitz-Thompson weighted already (rows drawn by Fisher mass): no subset scaling
+    _measure_rows(sk, head_w, gname, emb_w if tied else head_w, entry, rec, opt, found, rows_scale=1.0)
     sk.load(norm_path)
     try:
         g = norm_backward(norm, hidden[:n_probe], g_normed, sk.device)
@@ -620,11 +623,12 @@ _ROW_CHUNK_BYTES = 32 << 20
 
 
 def _measure_rows(sk: ModelSkeleton, name: str, gname: str, hf_name: str, entry: ImatrixEntry | None,
-                  rec: TensorGrads | None, opt: AnalyzeOptions, found: Found) -> None:
+                  rec: TensorGrads | None, opt: AnalyzeOptions, found: Found, rows_scale: float | None = None) -> None:
     """Measure a whole-vocabulary matrix from float32 row chunks of ``_ROW_CHUNK_BYTES``.
 
-    Keeps only the seeded rows :func:`~dq.analysis.measure.row_subsets` gives (those ``rec``'s gradients
-    are on), so the errors are those of the full-matrix call; max |w| is taken over every chunk.
+    Keeps only the rows ``rec``'s gradients are on (else the seeded rows :func:`~dq.analysis.measure.row_subsets`
+    gives), so the errors are those of the full-matrix call; max |w| is taken over every chunk. ``rows_scale``
+    is :func:`~dq.analysis.measure.measure_tensor`'s (default: all rows / measured rows).
     """
     shape = tuple(int(d) for d in sk.module_param(name).shape)
     rows, cols = shape
@@ -644,7 +648,8 @@ def _measure_rows(sk: ModelSkeleton, name: str, gname: str, hf_name: str, entry:
         del w
     wsub = np.concatenate(keep)
     mat = MatrixInput(wsub, _importance(entry), rec.sample_matrix(0) if rec else None, rec.stacked(0) if rec else None)
-    errors = measure_tensor([mat], shape, opt.candidates, n_threads=opt.n_threads, device=opt.device, subsets=[None])
+    errors = measure_tensor([mat], shape, opt.candidates, n_threads=opt.n_threads, device=opt.device, subsets=[None],
+                            rows_scale=rows_scale)
     found.tensors.append(TensorMeasurement(
         name=gname, hf_name=hf_name, role=classify(gname), layer=layer_index(gname), shape=shape,
         errors=errors, max_abs=max_abs,

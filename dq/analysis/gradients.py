@@ -21,7 +21,8 @@ plans (1.9-5 bits per weight) with Spearman 0.998 (``bench/damage_model.py`` mea
 
 Scored positions are llama-perplexity's: the second half of each sequence (``S/2 .. S-2``), where
 ``dq eval`` and llama.cpp measure KLD. ``G_n`` is only ever kept on the rows the measurement uses
-(:func:`dq.analysis.measure.row_subsets`), so the gradients of one block cost about ``probes x
+(:func:`dq.analysis.measure.row_subsets`; for the LM head, rows drawn by their Fisher mass,
+:func:`fisher_rows`), so the gradients of one block cost about ``probes x
 max_elements`` floats per tensor.
 
 Streaming: the analysis saves each block's input for the probe sequences on its forward sweep; the head
@@ -53,7 +54,7 @@ from dq.analysis.loader import ModelSkeleton
 from dq.analysis.names import NameMapper
 
 __all__ = ["scored_positions", "probe_scale", "ProbeSpec", "TensorGrads", "BlockGradients", "backward_block",
-           "head_probe", "head_chunk_rows", "rademacher", "norm_backward", "embedding_grads"]
+           "head_probe", "fisher_rows", "head_chunk_rows", "rademacher", "norm_backward", "embedding_grads"]
 
 _HEAD_CHUNK_BYTES = 32 << 20
 
@@ -260,14 +261,52 @@ def rademacher(shape: tuple[int, int], seed: int, chunk: int) -> torch.Tensor:
     return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).float() * 2 - 1
 
 
+def fisher_rows(mass: np.ndarray, n_rows: int | None, seed: int, floor: float = 0.1) -> tuple[np.ndarray | None, np.ndarray]:
+    """Which rows of a vocabulary matrix to measure, drawn by their Fisher mass, and each row's inclusion probability.
+
+    A head row's share of the KL is about its Fisher mass ``m_v = sum_t p_tv (1 - p_tv)`` times its squared
+    error, and the masses are Zipf-distributed: a uniform sample of 1% of the rows mostly misses the frequent
+    tokens that carry the KL. Rows are drawn by Poisson sampling with ``pi_v = min(1, lam * ((1 - floor) m_v /
+    sum m + floor / V))``, ``lam`` set so the expected count is ``n_rows``: the heaviest rows are kept for
+    certain, every row keeps a chance. Weighting a measured row by ``1 / pi_v`` (Horvitz-Thompson) gives an
+    unbiased estimate of the whole-matrix sum.
+
+    Args:
+        mass: ``[V]`` per-row Fisher mass (non-negative).
+        n_rows: expected number of rows to measure; None or ``>= V``: all rows.
+        seed: sampling seed.
+        floor: share of the inclusion probability spread uniformly.
+
+    Returns:
+        The sorted measured rows (None: all) and their inclusion probabilities (``[len(rows)]``; ones for all).
+
+    Example:
+        >>> rows, pi = fisher_rows(np.array([100.0, 1, 1, 1, 1, 1, 1, 1]), 2, seed=0)
+        >>> int(rows[0]), float(pi[0])
+        (0, 1.0)
+    """
+    v = int(mass.shape[0])
+    if n_rows is None or n_rows >= v:
+        return None, np.ones(v)
+    m = np.clip(mass.astype(np.float64), 0.0, None)
+    share = (1 - floor) * m / m.sum() + floor / v if m.sum() > 0 else np.full(v, 1.0 / v)
+    lo, hi = float(n_rows), float(n_rows) / share.min()
+    for _ in range(100):  # sum(min(1, lam * share)) is increasing in lam
+        lam = 0.5 * (lo + hi)
+        lo, hi = (lam, hi) if np.minimum(1.0, lam * share).sum() < n_rows else (lo, lam)
+    pi = np.minimum(1.0, hi * share)
+    rows = np.flatnonzero(np.random.default_rng(seed).random(v) < pi)
+    return rows, pi[rows]
+
+
 def head_probe(
     sk: ModelSkeleton,
     head_weight: str,
     normed: torch.Tensor,
     spec: ProbeSpec,
-    head_rows: np.ndarray | None,
+    n_rows: int | None,
     softcap: float | None = None,
-) -> tuple[torch.Tensor, list[np.ndarray]]:
+) -> tuple[torch.Tensor, np.ndarray | None, list[np.ndarray]]:
     """Probe gradients at the LM head, reading its weight in row chunks.
 
     Args:
@@ -275,15 +314,18 @@ def head_probe(
         head_weight: the LM head's parameter name (the input embedding's when tied).
         normed: final-normed hidden states of the probe sequences ``[n, S, d]``.
         spec: probe count, sequence length and seed.
-        head_rows: the head rows the measurement uses (None: all).
+        n_rows: how many head rows the measurement uses, in expectation (None: all).
         softcap: final logit soft-capping (Gemma-2), applied as the model does.
 
     Returns:
-        The gradient at ``normed`` (zero at unscored positions) and, per probe, the head's weight gradient on
-        ``head_rows`` (``[rows, d]``).
+        The gradient at ``normed`` (zero at unscored positions); the measured rows (:func:`fisher_rows`, by the
+        probes' Fisher mass; None: all); per probe, the head's weight gradient on those rows (``[rows, d]``),
+        each row multiplied by ``1/sqrt(pi)`` so that the squared projections sum to the whole head's
+        (measure it with ``rows_scale=1``).
 
-    Three passes over the vocabulary (log-sum-exp; ``sqrt(p) . r``; then the probe ``v`` itself), one chunk
-    of rows at a time, so neither the head nor a ``[tokens, vocab]`` matrix is ever whole in memory.
+    Three passes over the vocabulary (log-sum-exp; ``sqrt(p) . r`` and each row's Fisher mass; then the probe
+    ``v`` itself), one chunk of rows at a time, so neither the head nor a ``[tokens, vocab]`` matrix is ever
+    whole in memory.
     """
     n, s_len, d = normed.shape
     sc = scored_positions(s_len)
@@ -308,11 +350,17 @@ def head_probe(
         m = m_new
     lse = m + torch.log(ssum)
     c = torch.zeros(x.shape[0])
-    for k, (_, w) in enumerate(sk.iter_rows(head_weight, chunk)):
-        z, _ = logits(w)
+    mass = np.zeros(rows_total)
+    for k, (r0, w) in enumerate(sk.iter_rows(head_weight, chunk)):
+        z, dcap = logits(w)
+        p = torch.exp(z - lse[:, None])
         c += (torch.exp(0.5 * (z - lse[:, None])) * rademacher(z.shape, spec.seed, k)).sum(-1)
+        fisher = p * (1 - p) if dcap is None else p * (1 - p) * dcap * dcap
+        mass[r0 : r0 + w.shape[0]] = fisher.sum(0).double().numpy()
+    rows, pi = fisher_rows(mass, n_rows, spec.seed)
     g = torch.zeros_like(x)
-    sel = None if head_rows is None else torch.from_numpy(head_rows)
+    sel = None if rows is None else torch.from_numpy(rows)
+    weight = torch.from_numpy(1.0 / np.sqrt(pi))
     grads = [torch.zeros(rows_total if sel is None else len(sel), d, dtype=torch.float64) for _ in range(n)]
     for k, (r0, w) in enumerate(sk.iter_rows(head_weight, chunk)):
         z, dcap = logits(w)
@@ -333,7 +381,7 @@ def head_probe(
                 grads[j][dest] += v[t][:, local].T.double() @ x[t].double()
     g_full = torch.zeros(n, s_len, d)
     g_full[:, sc] = g.reshape(n, per_seq, d)
-    return g_full, [gr.float().numpy() for gr in grads]
+    return g_full, rows, [(gr * weight[:, None]).float().numpy() for gr in grads]
 
 
 def norm_backward(norm: nn.Module, hidden: torch.Tensor, g_normed: torch.Tensor, device: str) -> torch.Tensor:

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from dq.analysis.analyze import AnalyzeOptions, analyze
+from dq.analysis.gradients import fisher_rows
 from dq.quant import libggml
 from dq.quant.formats import FORMATS, QuantFormat, effective_format
 from dq.quant.imatrix import read_imatrix
 
 OPTS = dict(n_tokens=768, seq_len=128, grad_tokens=384, act_tokens=64, ablation_tokens=0, super_weights=False,
+            max_elements=1 << 15,  # row subsets in every tensor, the head included
             plots=False, candidates=("Q8_0", "Q4_K", "Q2_K", "IQ2_XXS"))
 
 
@@ -49,15 +51,16 @@ def _whole_model_grads(model_dir, opts: AnalyzeOptions):
         z = model(ids[j : j + 1]).logits[0, sc].float()
         (z * v[j * per_seq : (j + 1) * per_seq]).sum().backward()
         grads.append({n: q.grad.detach().clone() for n, q in model.named_parameters() if q.grad is not None})
-    return model, grads
+    return model, grads, (p * (1 - p)).sum(0).double().numpy()
 
 
-def _predicted(w: np.ndarray, gs: list[np.ndarray], fmt: QuantFormat, im: np.ndarray | None) -> float:
+def _predicted(w: np.ndarray, gs: list[np.ndarray], fmt: QuantFormat, im: np.ndarray | None,
+               row_weight: np.ndarray | float = 1.0) -> float:
     stored = effective_format(fmt, w.shape)
     if im is None and FORMATS[stored].needs_imatrix:
         im = np.ones(w.shape[1], np.float32)
     d = libggml.dequantize(libggml.quantize(w, stored, im), stored, w.shape) - w
-    return 0.5 * sum(float((((d * g).sum(1)) ** 2).sum()) for g in gs)
+    return 0.5 * sum(float((row_weight * ((d * g).sum(1)) ** 2).sum()) for g in gs)
 
 
 def _check(model_dir, out, expert_slices=None, device="cpu"):
@@ -66,7 +69,7 @@ def _check(model_dir, out, expert_slices=None, device="cpu"):
     opts = AnalyzeOptions(**OPTS, device=device)
     a = analyze(model_dir, out, opts)
     im = read_imatrix(out / "imatrix.gguf")
-    model, grads = _whole_model_grads(model_dir, opts)
+    model, grads, mass = _whole_model_grads(model_dir, opts)
     params = dict(model.named_parameters())
     assert not model.config.tie_word_embeddings
     checked = 0
@@ -74,17 +77,20 @@ def _check(model_dir, out, expert_slices=None, device="cpu"):
         if not t.errors:
             continue
         if t.name in ("token_embd.weight", "output.weight"):
-            # the head is measured on its seeded row subset (scaled up); the embedding on every row it has,
-            # since only the rows of tokens that occur carry gradient (the model here is untied)
+            # the head is measured on rows drawn by the Fisher mass of the whole model's softmax, each weighted
+            # by 1/inclusion; the embedding on every row it has, since only the rows of tokens that occur carry
+            # gradient (the model here is untied)
             key = "lm_head.weight" if t.name == "output.weight" else "model.embed_tokens.weight"
             w = params[key].detach().numpy()
-            rows = row_subsets(1, *w.shape, opts.max_elements, opts.seed)[0] if key == "lm_head.weight" else None
+            rows, pi = None, np.ones(1)
+            if key == "lm_head.weight":
+                rows, pi = fisher_rows(mass, opts.max_elements // w.shape[1], opts.seed)
+                assert rows is not None and len(rows) < w.shape[0]
             sel = slice(None) if rows is None else rows
-            scale = 1.0 if rows is None else w.shape[0] / len(rows)
             weights = im.weights_for(t.name)
             for e in t.errors:
-                want = scale * _predicted(w[sel], [g[key].numpy()[sel] for g in grads], e.requested,
-                                          None if weights is None else weights[0])
+                want = _predicted(w[sel], [g[key].numpy()[sel] for g in grads], e.requested,
+                                  None if weights is None else weights[0], 1.0 / pi)
                 assert e.kld == pytest.approx(want, rel=2e-3, abs=1e-12), (t.name, e.requested)
             checked += 1
             continue
