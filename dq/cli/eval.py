@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-length", type=int, default=2048, help="lm-eval context window in tokens (default 2048)")
     g = p.add_argument_group("backends")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: DQ_THREADS or all)")
+    g.add_argument("--device", default="cpu",
+                   help="cpu (GGUFs through llama.cpp) or cuda: GGUFs dequantized by dq's kernels into the base's "
+                        "transformers model, HF models on the GPU (needs an HF --base; default cpu)")
     g.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of HF models (default float32)")
     g.add_argument("--dense-4bit", action="store_true",
@@ -139,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
 
         check_writable(args.output)
     kcfg = KLDConfig(ctx=args.ctx, chunks=args.chunks, topk=args.topk, tail_samples=args.tail_samples,
-                     text=args.text, n_threads=args.threads, hf_dtype=args.hf_dtype)
+                     text=args.text, n_threads=args.threads, hf_dtype=args.hf_dtype, device=args.device)
     lcfg = LMEvalConfig(limit=args.limit, mmlu_subjects=parse_subjects(args.mmlu_subjects),
                         num_fewshot=args.num_fewshot, max_length=args.max_length, n_threads=args.threads,
-                        hf_dtype=args.hf_dtype, dense_4bit=args.dense_4bit)
+                        hf_dtype=args.hf_dtype, dense_4bit=args.dense_4bit, device=args.device)
     report = evaluate(args.quant, args.base, tasks, kld_cfg=kcfg, lm_cfg=lcfg, label=args.label,
                       progress=_progress())
     if args.output is not None:

@@ -173,15 +173,14 @@ class HFLogits(LogitsModel):
     """A Hugging Face directory through transformers on CPU (float32 compute by default)."""
 
     def __init__(self, ref: ModelRef, *, dtype: str = "float32", n_threads: int | None = None,
-                 tokenizer_only: bool = False):
+                 tokenizer_only: bool = False, device: str = "cpu"):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"hf dtype {dtype!r} is not one of float32, bfloat16, float16")
         torch.set_num_threads(n_threads or default_threads())
-        self.ref = ref
-        self.torch = torch
+        self.ref, self.torch, self.device = ref, torch, device
         self.tok = AutoTokenizer.from_pretrained(ref.path)
         if tokenizer_only:
             self.model = None
@@ -189,7 +188,7 @@ class HFLogits(LogitsModel):
             config = getattr(config, "get_text_config", lambda: config)()
             self.n_vocab = int(config.vocab_size)
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).to(device).eval()
             self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
         probe = self.tok("a").input_ids
         self.bos_id = self.tok.bos_token_id
@@ -207,12 +206,12 @@ class HFLogits(LogitsModel):
             raise RuntimeError("opened with tokenizer_only=True")
         torch = self.torch
         with torch.inference_mode():
-            ids = torch.tensor([list(tokens)], dtype=torch.long)
+            ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
             kw = {"logits_to_keep": keep_last} if keep_last is not None else {}
             out = self.model(input_ids=ids, use_cache=False, **kw).logits[0]
             if keep_last is not None:
                 out = out[-keep_last:]
-            return out.float().numpy()
+            return out.float().cpu().numpy()
 
     def close(self) -> None:
         self.model = None
@@ -225,6 +224,9 @@ def open_logits_model(
     n_threads: int | None = None,
     hf_dtype: str = "float32",
     tokenizer_only: bool = False,
+    device: str = "cpu",
+    gguf_backend: str = "auto",
+    hf_dir: str | Path | None = None,
 ) -> LogitsModel:
     """Open a GGUF or HF model for logits.
 
@@ -235,15 +237,30 @@ def open_logits_model(
         hf_dtype: compute dtype for HF models.
         tokenizer_only: load only the tokenizer and vocabulary size (``logits`` is unavailable): cheap,
             for tokenizing and checking tokenizers before a cached pass.
+        device: ``cpu`` or ``cuda``: where HF models (and GGUFs on the torch backend) run.
+        gguf_backend: ``auto`` (llama.cpp on CPU, else torch), ``llama.cpp`` or ``torch``
+            (:class:`~dq.evals.gguf_torch.GGUFTorchLogits`: dq's kernels dequantize the file into transformers).
+        hf_dir: the HF directory a GGUF came from, which the torch backend needs.
 
     Returns:
         A :class:`GGUFLogits` or :class:`HFLogits`; close it (or use ``with``) to free memory.
     """
     ref = model if isinstance(model, ModelRef) else resolve_model_ref(model)
+    torch_gguf = gguf_backend == "torch" or (gguf_backend == "auto" and device != "cpu")
+    if ref.kind is ModelKind.GGUF and torch_gguf:
+        if hf_dir is None:
+            from dq.evals.errors import EvalConfigError
+
+            raise EvalConfigError(
+                f"evaluating {ref.path.name} on {device} builds it in its base's transformers model: pass the "
+                f"Hugging Face directory it came from as --base (or use --device cpu for llama.cpp)")
+        from dq.evals.gguf_torch import GGUFTorchLogits
+
+        return GGUFTorchLogits(ref, hf_dir, device=device, n_threads=n_threads, tokenizer_only=tokenizer_only)
     if ref.kind is ModelKind.GGUF:
         try:
             import llama_cpp  # noqa: F401
         except ImportError as exc:  # pragma: no cover - a core dependency
             raise DataPackageMissingError("GGUF evaluation needs `pip install llama-cpp-python==0.3.36`") from exc
         return GGUFLogits(ref, n_ctx=n_ctx, n_threads=n_threads, tokenizer_only=tokenizer_only)
-    return HFLogits(ref, dtype=hf_dtype, n_threads=n_threads, tokenizer_only=tokenizer_only)
+    return HFLogits(ref, dtype=hf_dtype, n_threads=n_threads, tokenizer_only=tokenizer_only, device=device)

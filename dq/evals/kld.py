@@ -81,6 +81,9 @@ class KLDConfig:
         text: ``"wiki"`` (packaged held-out Wikipedia) or a path to a UTF-8 text file.
         n_threads: CPU threads (None: all this process may use).
         hf_dtype: compute dtype of Hugging Face models.
+        device: where models run: ``cpu`` (GGUFs through llama.cpp) or ``cuda`` (GGUFs dequantized by dq's
+            kernels into the base's transformers model, :mod:`dq.evals.gguf_torch`; needs an HF base).
+        gguf_backend: ``auto`` (llama.cpp on ``cpu``, torch elsewhere), ``llama.cpp`` or ``torch``.
     """
 
     ctx: int = 512
@@ -90,8 +93,14 @@ class KLDConfig:
     text: str = "wiki"
     n_threads: int | None = None
     hf_dtype: str = "float32"
+    device: str = "cpu"
+    gguf_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.gguf_backend not in ("auto", "llama.cpp", "torch"):
+            raise EvalConfigError(f"gguf backend {self.gguf_backend!r}: choose auto, llama.cpp or torch")
+        if self.gguf_backend == "llama.cpp" and self.device != "cpu":
+            raise EvalConfigError("llama.cpp here is a CPU build: use --device cpu, or the torch GGUF backend")
         if self.ctx < 16 or self.ctx % 2:
             raise EvalConfigError(f"--ctx {self.ctx} must be an even number >= 16 (e.g. 512)")
         if self.chunks < 1:
@@ -450,7 +459,12 @@ def run_kld(
         >>> r.kld_mean, r.same_top                                                        # doctest: +SKIP
     """
     text = eval_text(cfg)
-    kw = dict(n_ctx=cfg.ctx, n_threads=cfg.n_threads, hf_dtype=cfg.hf_dtype)
+    kw = dict(n_ctx=cfg.ctx, n_threads=cfg.n_threads, hf_dtype=cfg.hf_dtype, device=cfg.device,
+              gguf_backend=cfg.gguf_backend)
+    if base is not None:
+        bref0 = base if isinstance(base, ModelRef) else resolve_model_ref(base)
+        if bref0.kind.value == "hf":
+            kw["hf_dir"] = bref0.path  # the torch GGUF backend builds the quant in the base's model class
     if base is None:
         with open_logits_model(quant, **kw) as q:
             _, ids = eval_tokens(q, text, cfg)

@@ -83,6 +83,8 @@ class LMEvalConfig:
     hf_dtype: str = "float32"
     batch_size: int = 4
     dense_4bit: bool = False
+    device: str = "cpu"
+    hf_dir: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in LM_TASKS]
@@ -97,8 +99,10 @@ class LMEvalConfig:
         d = asdict(self)
         d.pop("n_threads")
         d.pop("batch_size")
-        if not d["dense_4bit"]:
-            d.pop("dense_4bit")  # keys of runs cached before the field existed stay valid
+        d.pop("hf_dir")
+        for k, default in (("dense_4bit", False), ("device", "cpu")):
+            if d[k] == default:
+                d.pop(k)  # keys of runs cached before the field existed stay valid
         return d
 
 
@@ -261,6 +265,17 @@ def _require_lm_eval() -> None:
 
 
 def _make_lm(ref: ModelRef, cfg: LMEvalConfig):
+    if ref.kind is ModelKind.GGUF and cfg.device != "cpu":
+        from lm_eval.models.huggingface import HFLM
+
+        from dq.evals.gguf_torch import GGUFTorchLogits
+
+        if cfg.hf_dir is None:
+            raise EvalConfigError(f"lm-eval of {ref.path.name} on {cfg.device} needs the HF model it came from "
+                                  f"as --base (or --device cpu for llama.cpp)")
+        m = GGUFTorchLogits(ref, cfg.hf_dir, device=cfg.device, n_threads=cfg.n_threads)
+        return HFLM(pretrained=m.model, tokenizer=m.tok, backend="causal", batch_size=cfg.batch_size,
+                    max_length=cfg.max_length, device=cfg.device)
     if ref.kind is ModelKind.GGUF:
         from dq.evals.llama_lm import LlamaCppLM
 
@@ -277,7 +292,7 @@ def _make_lm(ref: ModelRef, cfg: LMEvalConfig):
         return HFLM(pretrained=load_causal_lm(ref.path, cfg.hf_dtype, dense_4bit=True),
                     tokenizer=AutoTokenizer.from_pretrained(ref.path), backend="causal",
                     batch_size=cfg.batch_size, max_length=cfg.max_length)
-    return HFLM(pretrained=str(ref.path), backend="causal", dtype=cfg.hf_dtype, device="cpu",
+    return HFLM(pretrained=str(ref.path), backend="causal", dtype=cfg.hf_dtype, device=cfg.device,
                 batch_size=cfg.batch_size, max_length=cfg.max_length)
 
 

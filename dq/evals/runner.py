@@ -82,6 +82,8 @@ def evaluate(
     comparisons, single = {}, {}
     if lm_tasks:
         cfg = replace(lm_cfg or LMEvalConfig(), tasks=lm_tasks)
+        if bref is not None and bref.kind.value == "hf" and cfg.hf_dir is None:
+            cfg = replace(cfg, hf_dir=str(bref.path))  # the torch GGUF backend builds the quant in its base's class
         t0 = time.perf_counter()
         qruns = run_lmeval(qref, cfg, cache=False)
         timings["lmeval_quant"] = time.perf_counter() - t0
