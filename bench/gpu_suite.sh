@@ -17,4 +17,5 @@ unset TRITON_INTERPRET
 python3 -c "import torch, triton; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$out/gpu_suite.log"
 python3 -m pytest -q -p no:cacheprovider -rs \
     tests/kernels tests/analysis/test_device_path.py \
-    "tests/analysis/test_damage_gradients.py::test_streamed_damage_equals_whole_model" 2>&1 | tee -a "$out/gpu_suite.log"
+    "tests/analysis/test_damage_gradients.py::test_streamed_damage_equals_whole_model" \
+    "tests/evals/test_gguf_torch.py::test_bf16_gguf_gives_the_hf_models_logits" 2>&1 | tee -a "$out/gpu_suite.log"
