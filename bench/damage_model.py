@@ -19,6 +19,7 @@ predicted^b`` fitted in log space (b = 1, a = 1 is the model as it stands).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -98,11 +99,21 @@ def run_model(name: str, out: Path, n_plans: int, chunks: int, seed: int) -> lis
     cfg = KLDConfig(ctx=512, chunks=chunks)
     rows = []
     plans = random_plans(items, shapes, n_plans, seed) + role_plans(items)
+    im_sha = hashlib.sha256(inputs.imatrix_path.read_bytes()).hexdigest()
+    kept_dir = out / "rows-damage" / name
+    kept_dir.mkdir(parents=True, exist_ok=True)
     for k, p in enumerate(plans):
         t0 = time.time()
+        types = {n: o.fmt for n, o in p["picks"].items()}
+        key = hashlib.sha256(json.dumps([chunks, im_sha, sorted((n, f.value) for n, f in types.items())]).encode())
+        kept = kept_dir / f"{key.hexdigest()[:20]}.json"
+        if kept.is_file():  # resumable: a plan measured before (same types, imatrix and text) is not measured again
+            rows.append(json.loads(kept.read_text()) | {"label": p["label"], "kind": p["kind"],
+                                                       "predicted": sum(o.damage for o in p["picks"].values())})
+            logging.info("%s %-24s reusing the row measured before (%s)", name, p["label"], kept.name)
+            continue
         path = out / "gguf" / f"{name}-damage-{k}.gguf"
         path.parent.mkdir(parents=True, exist_ok=True)
-        types = {n: o.fmt for n, o in p["picks"].items()}
         quantize_gguf(inputs.source_gguf, path, assign_types(sources, explicit=types), imatrix=inputs.imatrix,
                       imatrix_name=inputs.imatrix_path.name, tensor_cache=cache)
         r = run_kld(path, inputs.source_gguf, cfg)
@@ -114,6 +125,7 @@ def run_model(name: str, out: Path, n_plans: int, chunks: int, seed: int) -> lis
             "predicted": sum(o.damage for o in p["picks"].values()),
             "measured": r.kld_mean, "measured_stderr": r.kld_mean_stderr, "seconds": round(time.time() - t0, 1),
         })
+        kept.write_text(json.dumps(rows[-1]))
         logging.info("%s %-24s predicted %.4g measured %.4g (%.0f s)", name, p["label"], rows[-1]["predicted"],
                      r.kld_mean, rows[-1]["seconds"])
     return rows
