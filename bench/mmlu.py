@@ -70,9 +70,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"mmlu_{args.model}"
-    stem.with_suffix(".json").write_text(json.dumps({"limit_per_subject": args.limit, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(
+    stem = f"mmlu_{args.model}"  # model names hold dots (qwen2.5-coder-1.5b): no with_suffix
+    (args.results / f"{stem}.json").write_text(json.dumps({"limit_per_subject": args.limit, "rows": rows}, indent=1))
+    (args.results / f"{stem}.md").write_text(
         f"# 5-shot MMLU: {args.model}\n\n`python bench/mmlu.py --model {args.model} --files {' '.join(args.files)} "
         f"--limit {args.limit}`\n\n{text}\n")
 

@@ -22,7 +22,11 @@ def moe(tiny_llama_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("moe")
     model = upcycle_moe(tiny_llama_dir, root / "mixtral", kind="mixtral", n_experts=16, top_k=2)
-    analyze(model, root / "analysis", AnalyzeOptions(n_tokens=512, seq_len=256, ablation_tokens=256, plots=False))
+    # the default ladder less the four slowest IQ quantizers (IQ4_XS, IQ3_XXS, IQ2_S, IQ2_XS): the 1.58-bit
+    # types the routed experts need and every policy floor stay measured
+    cands = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0")
+    analyze(model, root / "analysis", AnalyzeOptions(n_tokens=512, seq_len=256, ablation_tokens=256, plots=False,
+                                                     candidates=cands))
     return model, root / "analysis"
 
 
