@@ -79,7 +79,16 @@ def role_plans(items) -> list[dict]:
     return plans
 
 
-def run_model(name: str, out: Path, n_plans: int, chunks: int, seed: int) -> list[dict]:
+def _interleave(a: list, b: list) -> list:
+    """a0, b0, a1, b1, ...: a run stopped by ``--max-minutes`` has measured plans of both kinds."""
+    out = []
+    for k in range(max(len(a), len(b))):
+        out += a[k : k + 1] + b[k : k + 1]
+    return out
+
+
+def run_model(name: str, out: Path, n_plans: int, chunks: int, seed: int,
+              deadline: float | None = None) -> tuple[list[dict], int]:
     from dq.analysis.analyze import analyze
     from dq.evals.kld import KLDConfig, run_kld
     from dq.export.gguf_quantize import quantize_gguf
@@ -98,7 +107,7 @@ def run_model(name: str, out: Path, n_plans: int, chunks: int, seed: int) -> lis
     cache = TensorCache(out / "tensor-cache" / name)
     cfg = KLDConfig(ctx=512, chunks=chunks)
     rows = []
-    plans = random_plans(items, shapes, n_plans, seed) + role_plans(items)
+    plans = _interleave(random_plans(items, shapes, n_plans, seed), role_plans(items))
     im_sha = hashlib.sha256(inputs.imatrix_path.read_bytes()).hexdigest()
     kept_dir = out / "rows-damage" / name
     kept_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +121,10 @@ def run_model(name: str, out: Path, n_plans: int, chunks: int, seed: int) -> lis
                                                        "predicted": sum(o.damage for o in p["picks"].values())})
             logging.info("%s %-24s reusing the row measured before (%s)", name, p["label"], kept.name)
             continue
+        if deadline is not None and time.time() > deadline:
+            logging.warning("%s: --max-minutes reached after %d of %d plans; run again to measure the rest",
+                            name, len(rows), len(plans))
+            break
         path = out / "gguf" / f"{name}-damage-{k}.gguf"
         path.parent.mkdir(parents=True, exist_ok=True)
         quantize_gguf(inputs.source_gguf, path, assign_types(sources, explicit=types), imatrix=inputs.imatrix,
@@ -128,7 +141,7 @@ def run_model(name: str, out: Path, n_plans: int, chunks: int, seed: int) -> lis
         kept.write_text(json.dumps(rows[-1]))
         logging.info("%s %-24s predicted %.4g measured %.4g (%.0f s)", name, p["label"], rows[-1]["predicted"],
                      r.kld_mean, rows[-1]["seconds"])
-    return rows
+    return rows, len(plans)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -179,7 +192,8 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
         lo = min(min(r["predicted"], r["measured"]) for r in rows if r["model"] == model)
         hi = max(max(r["predicted"], r["measured"]) for r in rows if r["model"] == model)
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="measured = predicted")
-        s = next(x for x in summary if x["model"] == model and x["plans"] == "all")
+        s = next((x for x in summary if x["model"] == model and x["plans"] == "all"),
+                 {"spearman": float("nan"), "median_rel_err": float("nan")})  # fewer than 3 plans measured
         ax.set(xscale="log", yscale="log", xlabel="predicted mean KLD (sum of per-tensor kld)",
                ylabel="measured mean KLD (llama.cpp, held-out wiki)",
                title=f"{model}: Spearman {s['spearman']:.3f}, median rel. err {s['median_rel_err']:.0%}")
@@ -188,13 +202,16 @@ def plot(rows: list[dict], summary: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write(rows: list[dict], results: Path, argv: str) -> None:
+def write(rows: list[dict], results: Path, argv: str, n_planned: int | None = None) -> None:
     """Table, JSON and scatter plot of one model's rows: ``results/damage_model_<model>.*``."""
     summary = summarize(rows)
     text = table(rows, summary)
+    if n_planned is not None and len(rows) < n_planned:
+        text = f"**Partial run: {len(rows)} of {n_planned} plans measured (--max-minutes).**\n\n" + text
     print(text)
     stem = f"damage_model_{rows[0]['model']}"  # model names hold dots (qwen2.5-coder-1.5b): no with_suffix
-    (results / f"{stem}.json").write_text(json.dumps({"command": argv, "summary": summary, "rows": rows}, indent=1))
+    (results / f"{stem}.json").write_text(json.dumps({"command": argv, "summary": summary, "rows": rows,
+                                                      "plans_planned": n_planned}, indent=1))
     (results / f"{stem}.md").write_text(f"# Damage model vs measured KLD: {rows[0]['model']}\n\n`{argv}`\n\n{text}\n")
     plot(rows, summary, results / f"{stem}.png")
 
@@ -207,6 +224,8 @@ def main() -> None:
     ap.add_argument("--plans", type=int, default=24, help="random mixed plans per model")
     ap.add_argument("--chunks", type=int, default=8, help="512-token chunks of held-out text per KLD pass")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop measuring new plans after this long and write what is measured (rerun resumes)")
     ap.add_argument("--work", type=Path, default=None, help="analyses, tensor cache, GGUFs (default $DQ_CACHE/bench)")
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
@@ -216,12 +235,14 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     if args.render is not None:
         doc = json.loads(args.render.read_text())
-        write(doc["rows"], args.results, doc["command"])
+        write(doc["rows"], args.results, doc["command"], doc.get("plans_planned"))
         return
     work = args.work or cache_dir() / "bench"
+    deadline = None if args.max_minutes is None else time.time() + 60 * args.max_minutes
     for m in args.models:
         argv = f"python bench/damage_model.py --models {m} --plans {args.plans} --chunks {args.chunks}"
-        write(run_model(m, work, args.plans, args.chunks, args.seed), args.results, argv)
+        rows, n_planned = run_model(m, work, args.plans, args.chunks, args.seed, deadline)
+        write(rows, args.results, argv, n_planned)
 
 
 if __name__ == "__main__":
