@@ -169,31 +169,20 @@ class GGUFLogits(LogitsModel):
             self.llm = None
 
 
-class HFLogits(LogitsModel):
-    """A Hugging Face directory through transformers on CPU (float32 compute by default)."""
+class TorchLogits(LogitsModel):
+    """A transformers model and tokenizer on ``device``: what :class:`HFLogits` and the torch GGUF backend
+    (:class:`~dq.evals.gguf_torch.GGUFTorchLogits`) share once their model is built."""
 
-    def __init__(self, ref: ModelRef, *, dtype: str = "float32", n_threads: int | None = None,
-                 tokenizer_only: bool = False, device: str = "cpu"):
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tok: object
+    model: object | None
+    device: str
 
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"hf dtype {dtype!r} is not one of float32, bfloat16, float16")
-        torch.set_num_threads(n_threads or default_threads())
-        self.ref, self.torch, self.device = ref, torch, device
-        self.tok = AutoTokenizer.from_pretrained(ref.path)
-        if tokenizer_only:
-            self.model = None
-            config = AutoConfig.from_pretrained(ref.path)
-            config = getattr(config, "get_text_config", lambda: config)()
-            self.n_vocab = int(config.vocab_size)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).to(device).eval()
-            self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
-        probe = self.tok("a").input_ids
-        self.bos_id = self.tok.bos_token_id
+    def _set_tokenizer(self, tok) -> None:
+        self.tok = tok
+        probe = tok("a").input_ids
+        self.bos_id = tok.bos_token_id
         self.add_bos = bool(self.bos_id is not None and probe and probe[0] == self.bos_id)
-        self.eos_id = self.tok.eos_token_id
+        self.eos_id = tok.eos_token_id
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False).input_ids)
@@ -204,7 +193,8 @@ class HFLogits(LogitsModel):
     def logits(self, tokens: Sequence[int], keep_last: int | None = None) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("opened with tokenizer_only=True")
-        torch = self.torch
+        import torch
+
         with torch.inference_mode():
             ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
             kw = {"logits_to_keep": keep_last} if keep_last is not None else {}
@@ -215,6 +205,33 @@ class HFLogits(LogitsModel):
 
     def close(self) -> None:
         self.model = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+class HFLogits(TorchLogits):
+    """A Hugging Face directory through transformers (float32 compute by default), on ``device``."""
+
+    def __init__(self, ref: ModelRef, *, dtype: str = "float32", n_threads: int | None = None,
+                 tokenizer_only: bool = False, device: str = "cpu"):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"hf dtype {dtype!r} is not one of float32, bfloat16, float16")
+        torch.set_num_threads(n_threads or default_threads())
+        self.ref, self.device = ref, device
+        self._set_tokenizer(AutoTokenizer.from_pretrained(ref.path))
+        if tokenizer_only:
+            self.model = None
+            config = AutoConfig.from_pretrained(ref.path)
+            config = getattr(config, "get_text_config", lambda: config)()
+            self.n_vocab = int(config.vocab_size)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).to(device).eval()
+            self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
 
 
 def open_logits_model(

@@ -26,13 +26,12 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dq.errors import UnsupportedArchitectureError
-from dq.evals.backends import LogitsModel, ModelRef, default_threads
+from dq.evals.backends import ModelRef, TorchLogits, default_threads
 
 __all__ = ["GGUFTorchLogits", "load_gguf_weights", "TORCH_EVAL_FAMILIES"]
 
@@ -117,7 +116,7 @@ def load_gguf_weights(sk, gguf_path: Path, device: str) -> int:
     return read
 
 
-class GGUFTorchLogits(LogitsModel):
+class GGUFTorchLogits(TorchLogits):
     """A GGUF's weights in the base's transformers model, computed by torch on ``device``.
 
     Args:
@@ -138,8 +137,8 @@ class GGUFTorchLogits(LogitsModel):
 
         check_gguf(ref.path)
         torch.set_num_threads(n_threads or default_threads())
-        self.ref, self.torch, self.device = ref, torch, device
-        self.tok = AutoTokenizer.from_pretrained(hf_dir)
+        self.ref, self.device = ref, device
+        self._set_tokenizer(AutoTokenizer.from_pretrained(hf_dir))
         sk = ModelSkeleton.open(hf_dir, device=device)
         self.n_vocab = int(sk.text_config.vocab_size)
         self.model = None
@@ -147,30 +146,3 @@ class GGUFTorchLogits(LogitsModel):
             n = load_gguf_weights(sk, ref.path, device)
             self.model = sk.model.to(device).eval()
             log.info("%s: %d tensors dequantized on %s into %s", ref.path.name, n, device, type(self.model).__name__)
-        probe = self.tok("a").input_ids
-        self.bos_id = self.tok.bos_token_id
-        self.add_bos = bool(self.bos_id is not None and probe and probe[0] == self.bos_id)
-        self.eos_id = self.tok.eos_token_id
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False).input_ids)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.tok.decode(list(tokens))
-
-    def logits(self, tokens: Sequence[int], keep_last: int | None = None) -> np.ndarray:
-        if self.model is None:
-            raise RuntimeError("opened with tokenizer_only=True")
-        torch = self.torch
-        with torch.inference_mode():
-            ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-            kw = {"logits_to_keep": keep_last} if keep_last is not None else {}
-            out = self.model(input_ids=ids, use_cache=False, **kw).logits[0]
-            if keep_last is not None:
-                out = out[-keep_last:]
-            return out.float().cpu().numpy()
-
-    def close(self) -> None:
-        self.model = None
-        if self.device.startswith("cuda"):
-            self.torch.cuda.empty_cache()
