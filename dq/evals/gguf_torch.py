@@ -6,7 +6,7 @@ built on the meta device (:class:`~dq.analysis.loader.ModelSkeleton`); each para
 :func:`dq.kernels.api.dequantize` (Triton for the legacy and K types, the torch reference for the IQ types),
 and put back into the layout the converter changed, in float32. The GGUF's name for each parameter is dq's
 own (:class:`~dq.analysis.names.NameMapper`, checked against the file: a parameter with no tensor, or a
-tensor of another shape, is an error before anything is computed).
+tensor of another size, is an error before anything is computed).
 
 What the converter changes and this module undoes (``convert_hf_to_gguf.py``, the pinned sdist):
 
@@ -57,7 +57,7 @@ def load_gguf_weights(sk, gguf_path: Path, device: str) -> int:
 
     Raises:
         UnsupportedArchitectureError: the model family is not one this path undoes the converter for.
-        CorruptFileError: a parameter has no GGUF tensor, or one of another shape.
+        CorruptFileError: a parameter has no GGUF tensor, or one of another size.
     """
     import gguf
     import torch
@@ -75,10 +75,9 @@ def load_gguf_weights(sk, gguf_path: Path, device: str) -> int:
             f"`dq eval --device cuda` reads dense text GGUFs of {', '.join(sorted(TORCH_EVAL_FAMILIES))} into "
             f"transformers; {cfg.model_type!r} (MoE or vision included) is evaluated by llama.cpp: drop --device")
     permuted, shifted = family
-    mapper = NameMapper(cfg.model_type, sk.n_layers, sk.text_model_path, sk.output_head_path())
-    reader = gguf.GGUFReader(str(gguf_path))
-    by_name = {t.name: t for t in reader.tensors}
     head = sk.output_head_path()
+    mapper = NameMapper(cfg.model_type, sk.n_layers, sk.text_model_path, head)
+    by_name = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
     n_head, n_kv = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     names = [n for n, _ in sk.model.named_parameters() if mapper.canonical(n.rpartition(".")[0]) is not None]
     tied_head = None

@@ -41,7 +41,7 @@ import numpy as np
 
 from dq.cache import cache_dir
 from dq.errors import ModelNotFoundError
-from dq.evals.backends import LogitsModel, ModelRef, open_logits_model, resolve_model_ref
+from dq.evals.backends import LogitsModel, ModelKind, ModelRef, open_logits_model, resolve_model_ref
 from dq.evals.errors import EvalConfigError, TokenizerMismatchError
 
 __all__ = [
@@ -461,10 +461,6 @@ def run_kld(
     text = eval_text(cfg)
     kw = dict(n_ctx=cfg.ctx, n_threads=cfg.n_threads, hf_dtype=cfg.hf_dtype, device=cfg.device,
               gguf_backend=cfg.gguf_backend)
-    if base is not None:
-        bref0 = base if isinstance(base, ModelRef) else resolve_model_ref(base)
-        if bref0.kind.value == "hf":
-            kw["hf_dir"] = bref0.path  # the torch GGUF backend builds the quant in the base's model class
     if base is None:
         with open_logits_model(quant, **kw) as q:
             _, ids = eval_tokens(q, text, cfg)
@@ -474,6 +470,8 @@ def run_kld(
                                    "scored_per_chunk": cfg.scored_per_chunk})
     bref = base if isinstance(base, ModelRef) else resolve_model_ref(base)
     qref = quant if isinstance(quant, ModelRef) else resolve_model_ref(quant)
+    if bref.kind is ModelKind.HF:
+        kw["hf_dir"] = bref.path  # the torch GGUF backend builds the quant in the base's model class
     # Tokenizers first (cheap): a mismatch fails before any model is loaded, and a cached base pass
     # never loads the base model. Only one model is in memory at a time.
     with open_logits_model(bref, tokenizer_only=True, **kw) as bt, \

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dq.cache import cache_dir
 from dq.errors import DataPackageMissingError
-from dq.evals.backends import ModelKind, ModelRef, default_threads, resolve_model_ref
+from dq.evals.backends import ModelKind, ModelRef, default_threads, open_logits_model, resolve_model_ref
 from dq.evals.errors import EvalConfigError
 
 __all__ = [
@@ -268,12 +268,7 @@ def _make_lm(ref: ModelRef, cfg: LMEvalConfig):
     if ref.kind is ModelKind.GGUF and cfg.device != "cpu":
         from lm_eval.models.huggingface import HFLM
 
-        from dq.evals.gguf_torch import GGUFTorchLogits
-
-        if cfg.hf_dir is None:
-            raise EvalConfigError(f"lm-eval of {ref.path.name} on {cfg.device} needs the HF model it came from "
-                                  f"as --base (or --device cpu for llama.cpp)")
-        m = GGUFTorchLogits(ref, cfg.hf_dir, device=cfg.device, n_threads=cfg.n_threads)
+        m = open_logits_model(ref, n_threads=cfg.n_threads, device=cfg.device, hf_dir=cfg.hf_dir)  # torch backend
         return HFLM(pretrained=m.model, tokenizer=m.tok, backend="causal", batch_size=cfg.batch_size,
                     max_length=cfg.max_length, device=cfg.device)
     if ref.kind is ModelKind.GGUF:
