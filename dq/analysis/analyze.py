@@ -44,6 +44,7 @@ from dq.analysis.collect import (
     down_weight,
     expert_modules,
     expert_params,
+    reduce_stats,
     split_gate_up,
 )
 from dq.analysis.coverage import check_supported
@@ -66,6 +67,7 @@ from dq.analysis.measure import (
     row_subsets,
 )
 from dq.analysis.names import NameMapper
+from dq.analysis.ranks import Ranks
 from dq.analysis.roles import TensorRole, classify, layer_index
 from dq.analysis.splits import split_of
 from dq.analysis.stream import (
@@ -186,6 +188,12 @@ def _prepare_out(out_dir: Path, ck: Checkpoints, state: dict, resume: bool) -> N
             raise AnalysisError(
                 f"resume directory {out_dir} holds an analysis of {old.get('model', {}).get('path')!r}, not of "
                 f"{state['model']['path']!r}; pass a fresh output directory or drop --resume"
+            )
+        if old.get("processes", 1) != state["processes"]:
+            raise AnalysisError(
+                f"resume directory {out_dir} was analysed by {old.get('processes', 1)} process(es), this run has "
+                f"{state['processes']}: each process's sequences are in its own files; resume with --nproc "
+                f"{old.get('processes', 1)}, or drop --resume"
             )
         if old.get("options") != state["options"]:
             diff = sorted(k for k in state["options"] if old.get("options", {}).get(k) != state["options"][k])
@@ -338,10 +346,26 @@ def _subsets(opt: AnalyzeOptions, mapper: NameMapper, config):
     return fn
 
 
+@dataclass(frozen=True)
+class _Share:
+    """This process's calibration sequences: its contiguous share of the probe sequences (first, so
+    ``hidden[:n_probe]`` are its probes) and of the others, as global sequence indices."""
+
+    seqs: tuple[int, ...]
+    n_probe: int
+    first_probe: int
+
+    @classmethod
+    def of(cls, ranks: Ranks, n_seq: int, n_probe: int) -> _Share:
+        probes, rest = ranks.shard(n_probe), ranks.shard(n_seq - n_probe)
+        return cls(tuple(probes) + tuple(n_probe + k for k in rest), len(probes), probes.start)
+
+
 def _forward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, hidden: torch.Tensor, layer_args,
-                   start: int, n_probe: int, seq_len: int, progress) -> torch.Tensor:
-    """Blocks ``start..`` on every sequence: imatrix statistics and spikes; saves the probe sequences' inputs."""
-    no_samples = np.zeros(hidden.shape[0] * hidden.shape[1], dtype=bool)
+                   start: int, share: _Share, n_seq: int, seq_len: int, ranks: Ranks, progress) -> torch.Tensor:
+    """Blocks ``start..`` on this process's sequences: imatrix statistics and spikes, joined over the processes
+    and saved by rank 0; each process saves its probe sequences' inputs."""
+    no_samples = np.zeros(n_seq * seq_len, dtype=bool)
     for i in range(start, sk.n_layers):
         t0 = time.time()
         prefix = sk.layer_prefix(i)
@@ -349,52 +373,112 @@ def _forward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, hidde
         try:
             with BlockCollector(sk.module(prefix), prefix, mapper, no_samples) as col:
                 def announce(s: int, col=col) -> None:
-                    col.tokens(np.arange(s * seq_len, (s + 1) * seq_len))
+                    g = share.seqs[s]  # token ids are global: a spike names the same token however many processes
+                    col.tokens(np.arange(g * seq_len, (g + 1) * seq_len))
 
                 out = run_layer(sk, i, hidden, layer_args, before_seq=announce)
+            reduce_stats(col.stats, ranks)
             found = Found()
-            _forward_stats(sk, col.stats, col.experts, found)
+            if ranks.main:
+                _forward_stats(sk, col.stats, col.experts, found)
         finally:
             sk.free(prefix)
-        ck.save_tensor(f"input_{i:04d}.pt", hidden=hidden[:n_probe].clone())
+        ck.save_mine(f"input_{i:04d}.pt", hidden=hidden[: share.n_probe].clone())
         hidden = out
-        ck.save_stats(f"fwd_{i:04d}", found, out.abs().amax(dim=(0, 1)).numpy())
-        ck.save_tensor("hidden.pt", next_layer=i + 1, hidden=hidden)
+        hidden_max = ranks.max(out.abs().amax(dim=(0, 1)).numpy())
+        if ranks.main:
+            ck.save_stats(f"fwd_{i:04d}", found, hidden_max)
+        ck.save_step("hidden", i + 1, previous=i, hidden=hidden)
         log.info("forward: layer %d/%d in %.1fs", i + 1, sk.n_layers, time.time() - t0)
         if progress is not None:
             progress("forward", i + 1, sk.n_layers)
     return hidden
 
 
+def _units(sk: ModelSkeleton, names: list[str], mapper: NameMapper,
+           experts: dict[str, tuple[str, str, str]]) -> list[tuple[list[str], list[str], int]]:
+    """A block's measurement units: ``(parameter names, GGUF names whose gradients it needs, weights)``; a
+    merged-experts module is one unit (its gate, up and down are measured together)."""
+    units: list[tuple[list[str], list[str], int]] = []
+    by_module: dict[str, int] = {}
+    for n in names:
+        mod_path = n.rpartition(".")[0]
+        size = int(sk.module_param(n).numel())
+        if mod_path in experts:
+            if mod_path not in by_module:
+                by_module[mod_path] = len(units)
+                units.append(([], list(experts[mod_path]), 0))
+            k = by_module[mod_path]
+            units[k][0].append(n)
+            units[k] = (units[k][0], units[k][1], units[k][2] + size)
+        else:
+            units.append(([n], [mapper.gguf_name(n)], size))
+    return units
+
+
+def _gather_grads(grads: dict[str, TensorGrads], owner: dict[str, int], ranks: Ranks) -> dict[str, TensorGrads]:
+    """Each tensor's probe gradients and samples, from every process, on the process that measures it."""
+    if ranks.world == 1:
+        return grads
+    out = {}
+    for name in sorted(grads):
+        dst = owner.get(name, 0)
+        parts = ranks.gather(grads[name], dst=dst)
+        if parts is not None:
+            out[name] = TensorGrads.join(parts)
+    return out
+
+
 def _backward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, layer_args, g: torch.Tensor, top: int,
-                    imatrix: dict[str, ImatrixEntry], sampled: np.ndarray, opt: AnalyzeOptions, progress,
-                    times: dict[str, float]) -> torch.Tensor:
-    """Blocks ``top..0``: recompute each on the probe inputs, backpropagate, measure every tensor."""
+                    imatrix: dict[str, ImatrixEntry], sampled: np.ndarray, share: _Share, opt: AnalyzeOptions,
+                    ranks: Ranks, progress, times: dict[str, float]) -> torch.Tensor:
+    """Blocks ``top..0``: recompute each on this process's probe inputs and backpropagate (data parallel), then
+    measure every tensor on the process it is dealt to (work parallel); rank 0 saves the block's measurements."""
     for i in range(top, -1, -1):
         t0 = time.time()
         prefix = sk.layer_prefix(i)
-        saved = ck.load_tensor(f"input_{i:04d}.pt")
+        saved = ck.load_mine(f"input_{i:04d}.pt")
         if saved is None:
             raise AnalysisError(f"the saved input of layer {i} is missing from {ck.dir}; re-run without --resume")
         names = sk.load(prefix)
         try:
             block = sk.module(prefix)
             with BlockGradients(block, prefix, mapper, _subsets(opt, mapper, sk.text_config), sampled) as bg:
-                g = backward_block(sk, i, saved["hidden"], g, layer_args, bg, opt.seq_len)
+                g = backward_block(sk, i, saved["hidden"], g, layer_args, bg, opt.seq_len, share.first_probe)
             t1 = time.time()
             times["backward_gradients"] = times.get("backward_gradients", 0.0) + t1 - t0
+            experts = expert_modules(block, prefix, mapper)
+            units = _units(sk, names, mapper, experts)
+            dealt = ranks.deal([min(size, opt.max_elements or size) * len(gn) for _, gn, size in units])
+            owner = {gn: r for (_, gns, _), r in zip(units, dealt) for gn in gns}
+            grads = _gather_grads(bg.grads, owner, ranks)
+            mine = [n for (ns, _, _), r in zip(units, dealt) if r == ranks.rank for n in ns]
             found = Found()
-            _measure_params(sk, names, mapper, imatrix, bg.grads, expert_modules(block, prefix, mapper), opt, found)
+            _measure_params(sk, mine, mapper, imatrix, grads, experts, opt, found)
+            del grads
             times["measure"] = times.get("measure", 0.0) + time.time() - t1
         finally:
             sk.free(prefix)
-        ck.save_layer(i, found.tensors)
-        ck.save_tensor("grad.pt", layer=i - 1, grad=g)
-        ck.drop(f"input_{i:04d}.pt")
+        parts = ranks.gather(found.tensors)
+        if parts is not None:
+            ck.save_layer(i, [t for part in parts for t in part])
+        ck.save_step("grad", i - 1, previous=i, grad=g)
+        # a process one block behind may still resume at block i + 1: its files go only once every process
+        # has saved the gradient for block i (it is past the gather above)
+        ck.drop_mine(f"input_{i + 1:04d}.pt")
+        if i == sk.n_layers - 1:
+            ck.drop_steps("hidden")
         log.info("backward: layer %d/%d measured in %.1fs", sk.n_layers - i, sk.n_layers, time.time() - t0)
         if progress is not None:
             progress("measure", sk.n_layers - i, sk.n_layers)
     return g
+
+
+def _common_step(ck: Checkpoints, name: str, ranks: Ranks, newest: Callable = max) -> int | None:
+    """The newest step of ``name`` (by ``newest``: the forward sweep counts up, the backward sweep down) that
+    every process holds; None when some process holds none."""
+    common = set.intersection(*(set(s) for s in ranks.all_gather(ck.steps(name))))
+    return newest(common) if common else None
 
 
 def analyze(
@@ -404,7 +488,8 @@ def analyze(
     *,
     resume: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
-) -> Analysis:
+    ranks: Ranks | None = None,
+) -> Analysis | None:
     """Measure a model: imatrix, per-tensor x type errors, predicted KLD and bytes, super weights.
 
     Args:
@@ -412,10 +497,13 @@ def analyze(
         out_dir: output directory (``analysis.json``, ``imatrix.gguf``, ``*.csv``, ``*.png``, ``blocks/``).
         options: settings; default :class:`AnalyzeOptions`.
         resume: skip the work already checkpointed in ``out_dir`` (same model and settings, else AnalysisError).
-        progress: called as ``progress(stage, done, total)``.
+        progress: called as ``progress(stage, done, total)`` (on rank 0 only).
+        ranks: this process's place among several (default: what ``torchrun`` set up, else one process;
+            :mod:`dq.analysis.ranks`). ``out_dir`` must be one directory every process sees.
 
     Returns:
-        The :class:`~dq.analysis.artifact.Analysis`, also saved as ``out_dir/analysis.json``.
+        The :class:`~dq.analysis.artifact.Analysis`, also saved as ``out_dir/analysis.json``; None on the other
+        ranks of a distributed run (rank 0 alone finishes: embedding, super weights, files).
 
     Example:
         >>> a = analyze("smollm2-135m", "out/smollm2", AnalyzeOptions(n_tokens=4096))  # doctest: +SKIP
@@ -428,10 +516,14 @@ def analyze(
     from dq.models import resolve_model
 
     opt = options or AnalyzeOptions()
+    ranks = ranks or Ranks.from_env(opt.device)
+    if ranks.world > 1:
+        opt = replace(opt, device=ranks.device, n_threads=ranks.threads(opt.n_threads))
+        progress = progress if ranks.main else None
     t_start = time.time()
     if limit_heap_growth():  # freed block weights go back to the OS (see its docstring)
         log.debug("glibc mmap threshold fixed at 1 MiB")
-    model_dir = resolve_model(model)
+    model_dir = ranks.on_main(lambda: resolve_model(model))  # materialised once, not by every process
     sk = ModelSkeleton.open(model_dir, device=opt.device)
     measure_path(opt.device)  # logs which quantizers measure the errors (CPU: libggml)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -440,39 +532,48 @@ def analyze(
     ids = cal.ids
     out_dir = Path(out_dir)
     state = {"model": _model_fingerprint(model_dir),
-             "options": {**opt.fingerprint(), "calib_sha256": cal.sources_sha256}}
-    ck = Checkpoints(out_dir)
-    _prepare_out(out_dir, ck, state, resume)
+             "options": {**opt.fingerprint(), "calib_sha256": cal.sources_sha256}, "processes": ranks.world}
+    ck = Checkpoints(out_dir, rank=ranks.rank)
 
     mapper = NameMapper(sk.text_config.model_type, sk.n_layers, sk.text_model_path, sk.output_head_path())
     from dq.convert.source import source_gguf
 
-    check_supported(sk, mapper, source_gguf(model_dir))  # before any work: the converter's tensors, dq's names
+    src = ranks.on_main(lambda: source_gguf(model_dir))
+    check_supported(sk, mapper, src)  # before any work: the converter's tensors, dq's names
     n_tok, seq_len = int(ids.numel()), int(ids.shape[1])
     n_probe = min(int(ids.shape[0]), max(1, opt.grad_tokens // seq_len))
+    if n_probe < ranks.world:
+        raise AnalysisError(f"{ranks.world} processes need at least one probe sequence each, and --grad-tokens "
+                            f"{opt.grad_tokens} gives {n_probe}; pass --grad-tokens {ranks.world * seq_len} or more, "
+                            f"or start fewer processes")
+    ranks.on_main(lambda: _prepare_out(out_dir, ck, state, resume))
+    share = _Share.of(ranks, int(ids.shape[0]), n_probe)
     spec = ProbeSpec(n_probe, seq_len, opt.seed)
     sampled = np.zeros(n_probe * seq_len, dtype=bool)
     sampled[np.random.default_rng(opt.seed).choice(sampled.size, size=min(opt.act_tokens, sampled.size),
                                                    replace=False)] = True
-    log.info("%s: %d layers, %d calibration tokens (%d x %d; %s), %d probe sequences, %d candidate types",
+    log.info("%s: %d layers, %d calibration tokens (%d x %d; %s), %d probe sequences, %d candidate types%s",
              model_dir.name, sk.n_layers, n_tok, ids.shape[0], seq_len,
              ", ".join(f"{k} {v}" for k, v in cal.describe()["sequences_per_source"].items()), n_probe,
-             len(opt.candidates))
+             len(opt.candidates), f"; rank {ranks.rank} of {ranks.world} runs {len(share.seqs)} sequences"
+             if ranks.world > 1 else "")
 
     times: dict[str, float] = {}
     t_stage = time.time()
-    hidden, layer_args = embed(sk, ids)
+    hidden, layer_args = embed(sk, ids[list(share.seqs)])
     found_all = Found()
     hidden_max: dict[int, np.ndarray] = {}
-    head_done = resume and ck.load_stats("head") is not None and ck.load_tensor("grad.pt") is not None
+    head_done = resume and ck.load_stats("head") is not None and _common_step(ck, "grad", ranks, min) is not None
     start = 0
     if resume and not head_done:
-        saved = ck.load_tensor("hidden.pt")
-        if saved is not None and all(ck.load_stats(f"fwd_{i:04d}") is not None for i in range(saved["next_layer"])):
-            start, hidden = int(saved["next_layer"]), saved["hidden"]
+        step = _common_step(ck, "hidden", ranks)
+        if step is not None and all(ck.load_stats(f"fwd_{i:04d}") is not None for i in range(step)):
+            start, hidden = step, ck.load_step("hidden", step)["hidden"]
             log.info("resuming the forward sweep at layer %d of %d", start, sk.n_layers)
     if not head_done:
-        hidden = _forward_sweep(sk, mapper, ck, hidden, layer_args, start, n_probe, seq_len, progress)
+        hidden = _forward_sweep(sk, mapper, ck, hidden, layer_args, start, share, int(ids.shape[0]), seq_len, ranks,
+                                progress)
+    ranks.barrier()  # rank 0's statistics are on disk for every process
     times["forward"] = time.time() - t_stage
     t_stage = time.time()
     for i in range(sk.n_layers):
@@ -481,21 +582,30 @@ def analyze(
         hidden_max[i] = hm
 
     if not head_done:
-        head_found, g = _measure_head(sk, mapper, hidden, n_probe, spec, sampled, opt)
-        ck.save_stats("head", head_found)
-        ck.save_tensor("grad.pt", layer=sk.n_layers - 1, grad=g)
-        ck.drop("hidden.pt")
+        head_found, g = _measure_head(sk, mapper, hidden, share, spec, sampled, opt, ranks)
+        if ranks.main:
+            ck.save_stats("head", head_found)
+        ck.save_step("grad", sk.n_layers - 1, grad=g)  # the forward sweep's files go after the first block back
     del hidden
+    ranks.barrier()
     times["head"] = time.time() - t_stage
     head_found, _ = ck.load_stats("head")
     found_all.merge(head_found)
-    saved = ck.load_tensor("grad.pt")
-    top, g = int(saved["layer"]), saved["grad"]
+    top = _common_step(ck, "grad", ranks, min)
+    g = ck.load_step("grad", top)["grad"]
     if top < 0:
         log.info("resuming: all %d layers are measured already", sk.n_layers)
     elif top < sk.n_layers - 1:
         log.info("resuming the backward sweep at layer %d", top)
-    g = _backward_sweep(sk, mapper, ck, layer_args, g, top, found_all.imatrix, sampled, opt, progress, times)
+    g = _backward_sweep(sk, mapper, ck, layer_args, g, top, found_all.imatrix, sampled, share, opt, ranks, progress,
+                        times)
+    parts = ranks.gather(g)  # the embedding is measured on rank 0, from every probe's gradient
+    ck.drop_mine("input_0000.pt")
+    if parts is None:
+        sk.close()
+        log.info("rank %d: done; rank 0 measures the embedding and super weights and writes %s", ranks.rank, out_dir)
+        return None
+    g = torch.cat(parts)
     for i in range(sk.n_layers):
         found_all.tensors.extend(ck.load_layer(i))
     t_stage = time.time()
@@ -570,12 +680,18 @@ DAMAGE_MODEL = {
 }
 
 
-def _measure_head(sk: ModelSkeleton, mapper: NameMapper, hidden: torch.Tensor, n_probe: int, spec: ProbeSpec,
-                  sampled: np.ndarray, opt: AnalyzeOptions) -> tuple[Found, torch.Tensor]:
+def _measure_head(sk: ModelSkeleton, mapper: NameMapper, hidden: torch.Tensor, share: _Share, spec: ProbeSpec,
+                  sampled: np.ndarray, opt: AnalyzeOptions, ranks: Ranks) -> tuple[Found, torch.Tensor]:
     """Final norm and LM head: the head's imatrix (all sequences), its probe gradients, its measurement.
 
-    Returns what was found and the gradient at the last block's output for the probe sequences. The head is
-    read in row chunks (:func:`dq.analysis.gradients.head_probe`, :func:`_measure_rows`), never whole.
+    ``hidden`` holds this process's sequences (its probes first). Every process runs the head on its own
+    sequences; the imatrix sums and the Fisher mass that picks the measured rows are summed over processes,
+    and rank 0 gathers the probe gradients and measures the head.
+
+    Returns:
+        What was found (rank 0) and the gradient at the last block's output for this process's probe sequences.
+        The head is read in row chunks (:func:`dq.analysis.gradients.head_probe`, :func:`_measure_rows`),
+        never whole.
     """
     found = Found()
     norm, norm_path = final_norm(sk)
@@ -596,19 +712,26 @@ def _measure_head(sk: ModelSkeleton, mapper: NameMapper, hidden: torch.Tensor, n
     st = TensorStats(gname, emb_w if tied else head_w, 1, in_f, out_f)
     flat = normed.reshape(-1, in_f)
     st.add(0, flat, np.arange(flat.shape[0]), np.zeros(flat.shape[0], dtype=bool))
-    entry = ImatrixEntry(st.sums.astype(np.float32), st.counts.astype(np.float32))
+    entry = ImatrixEntry(ranks.sum(st.sums).astype(np.float32), ranks.sum(st.counts).astype(np.float32))
     found.imatrix[gname] = entry
     n_rows = None if opt.max_elements is None or out_f * in_f <= opt.max_elements else max(1, opt.max_elements // in_f)
-    g_normed, rows, head_grads = head_probe(sk, head_w, normed[:n_probe], spec, n_rows, softcap(sk))
+    probes = normed[: share.n_probe]
+    g_normed, rows, head_grads = head_probe(sk, head_w, probes, spec, n_rows, softcap(sk),
+                                            first_probe=share.first_probe, ranks=ranks)
     rec = TensorGrads(gname, [rows])
     rec.grads[0] = head_grads
-    rec.samples[0] = [normed[:n_probe].reshape(-1, in_f)[torch.from_numpy(sampled)].numpy()]
+    mine = sampled[share.first_probe * spec.seq_len : (share.first_probe + share.n_probe) * spec.seq_len]
+    rec.samples[0] = [probes.reshape(-1, in_f)[torch.from_numpy(mine)].numpy()]
     del normed, flat
-    # the head's gradients are Horvitz-Thompson weighted already (rows drawn by Fisher mass): no subset scaling
-    _measure_rows(sk, head_w, gname, emb_w if tied else head_w, entry, rec, opt, found, rows_scale=1.0)
+    parts = ranks.gather(rec)
+    if parts is not None:
+        # the head's gradients are Horvitz-Thompson weighted already (rows drawn by Fisher mass): no subset scaling
+        _measure_rows(sk, head_w, gname, emb_w if tied else head_w, entry, TensorGrads.join(parts), opt, found,
+                      rows_scale=1.0)
+    del parts, rec
     sk.load(norm_path)
     try:
-        g = norm_backward(norm, hidden[:n_probe], g_normed, sk.device)
+        g = norm_backward(norm, hidden[: share.n_probe], g_normed, sk.device)
     finally:
         sk.free(norm_path)
     return found, g

@@ -10,6 +10,11 @@ that exists is complete. The sweeps leave:
 - head: ``head.npz``/``head.json`` (the LM head's imatrix and measurement);
 - backward sweep, per block ``i``: ``layer_i.json`` (the block's measurements) and ``grad.pt``, the
   gradient arriving at the output of the next block to do.
+
+Under torch.distributed (:mod:`dq.analysis.ranks`) rank 0 alone writes the joined statistics and
+measurements; the tensors of a rank's own sequences (``input_i``, ``hidden``, ``grad``) are that rank's files
+(``.rankR`` in the name). ``hidden`` and ``grad`` are *steps*: each save keeps the one before it, so ranks
+that died one block apart resume at the newest step all of them hold (:meth:`Checkpoints.steps`).
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ class Found:
 class Checkpoints:
     """Save and load the per-block files of one analysis directory."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, rank: int = 0) -> None:
         self.dir = Path(out_dir) / BLOCKS
+        self.rank = rank
 
     def clear(self) -> None:
         if self.dir.is_dir():
@@ -97,6 +103,39 @@ class Checkpoints:
 
     def drop(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    # -- this rank's tensors ------------------------------------------------------------------------------
+    def _mine(self, name: str) -> str:
+        stem, dot, ext = name.rpartition(".")
+        return f"{stem}.rank{self.rank}.{ext}" if dot else f"{name}.rank{self.rank}"
+
+    def save_mine(self, name: str, **payload) -> None:
+        self.save_tensor(self._mine(name), **payload)
+
+    def load_mine(self, name: str) -> dict | None:
+        return self.load_tensor(self._mine(name))
+
+    def drop_mine(self, name: str) -> None:
+        self.drop(self._mine(name))
+
+    def save_step(self, name: str, step: int, previous: int | None = None, **payload) -> None:
+        """Save this rank's ``name`` at ``step``; of its other steps only ``previous`` is kept."""
+        self.save_tensor(f"{name}.step{step}.rank{self.rank}.pt", **payload)
+        for old in self.steps(name):
+            if old not in (step, previous):
+                self.drop(f"{name}.step{old}.rank{self.rank}.pt")
+
+    def steps(self, name: str) -> list[int]:
+        """The steps of ``name`` this rank holds, sorted."""
+        pre = f"{name}.step"
+        return sorted(int(f.name[len(pre):].split(".")[0]) for f in self.dir.glob(f"{pre}*.rank{self.rank}.pt"))
+
+    def load_step(self, name: str, step: int) -> dict | None:
+        return self.load_tensor(f"{name}.step{step}.rank{self.rank}.pt")
+
+    def drop_steps(self, name: str) -> None:
+        for s in self.steps(name):
+            self.drop(f"{name}.step{s}.rank{self.rank}.pt")
 
     # -- measurements of the backward sweep ---------------------------------------------------------------
     def save_layer(self, i: int, tensors: list[TensorMeasurement]) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from dq.analysis.names import NameMapper
 from dq.analysis.roles import TensorRole, classify
 
-__all__ = ["TensorStats", "BlockHooks", "BlockCollector", "is_linear_like", "expert_params", "expert_modules", "split_gate_up",
+__all__ = ["TensorStats", "BlockHooks", "BlockCollector", "reduce_stats", "is_linear_like", "expert_params", "expert_modules", "split_gate_up",
            "down_weight", "expert_biases", "gating", "expert_forward", "call_input"]
 
 _DOWN_ROLES = (TensorRole.FFN_DOWN, TensorRole.SHARED_DOWN, TensorRole.EXPERT_DOWN)
@@ -313,3 +313,21 @@ class BlockCollector(BlockHooks):
             return None
 
         self._handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+
+def reduce_stats(stats: dict[str, TensorStats], ranks) -> None:
+    """Join every rank's statistics of one block in place (:class:`~dq.analysis.ranks.Ranks`): sums and
+    counts summed, channel maxima maxed, and each matrix's peak the largest over ranks (on a tie, the earliest
+    token, as one process sweeping the sequences in order keeps it). Forward statistics only: activation
+    samples are not joined here."""
+    if ranks.world == 1:
+        return
+    for name in sorted(stats):
+        st = stats[name]
+        st.sums = ranks.sum(st.sums)
+        st.counts = ranks.sum(st.counts)
+        if st.track_spikes:
+            st.in_max = ranks.max(st.in_max)
+            st.out_max = ranks.max(st.out_max)
+            peaks = ranks.all_gather(st.peak)
+            st.peak = [max((p[e] for p in peaks), key=lambda pk: (pk[0], -pk[2])) for e in range(st.n_mat)]

@@ -54,7 +54,7 @@ from dq.analysis.loader import ModelSkeleton
 from dq.analysis.names import NameMapper
 
 __all__ = ["scored_positions", "probe_scale", "ProbeSpec", "TensorGrads", "BlockGradients", "backward_block",
-           "head_probe", "fisher_rows", "head_chunk_rows", "rademacher", "norm_backward", "embedding_grads"]
+           "head_probe", "fisher_rows", "head_chunk_rows", "rademacher", "probe_signs", "norm_backward", "embedding_grads"]
 
 _HEAD_CHUNK_BYTES = 32 << 20
 
@@ -108,6 +108,17 @@ class TensorGrads:
         rows = self.rows[e]
         g = g_out if rows is None else g_out[:, torch.from_numpy(rows).to(g_out.device)]
         self.grads[e].append((g.T.double() @ x.double()).float().cpu().numpy())
+
+    @classmethod
+    def join(cls, parts: list[TensorGrads]) -> TensorGrads:
+        """One record from the records of several processes' probes, in their order (rows are seeded by the
+        name, so every part measures the same rows)."""
+        out = cls(parts[0].name, parts[0].rows)
+        for part in parts:
+            for e in range(len(out.rows)):
+                out.grads[e].extend(part.grads[e])
+                out.samples[e].extend(part.samples[e])
+        return out
 
     def stacked(self, e: int) -> np.ndarray | None:
         """``[probes, measured rows, cols]`` of matrix ``e``; None if it saw no probe."""
@@ -255,10 +266,16 @@ def head_chunk_rows(d: int, n_tokens: int) -> int:
     return max(1, _HEAD_CHUNK_BYTES // (4 * max(d, n_tokens)))
 
 
-def rademacher(shape: tuple[int, int], seed: int, chunk: int) -> torch.Tensor:
-    """The probe signs of vocabulary chunk ``chunk``: +-1, seeded per chunk so every pass redraws them."""
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(chunk))
+def rademacher(shape: tuple[int, int], seed: int, chunk: int, probe: int = 0) -> torch.Tensor:
+    """The signs of probe sequence ``probe`` on vocabulary chunk ``chunk``: +-1, seeded per (probe, chunk), so
+    every pass over the vocabulary redraws them and a probe's signs do not depend on which process runs it."""
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(chunk)) * 65_537 + int(probe))
     return torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).float() * 2 - 1
+
+
+def probe_signs(n_probes: int, per_seq: int, cols: int, seed: int, chunk: int, first: int = 0) -> torch.Tensor:
+    """``[n_probes * per_seq, cols]``: the signs of probes ``first .. first + n_probes - 1`` on one chunk."""
+    return torch.cat([rademacher((per_seq, cols), seed, chunk, first + j) for j in range(n_probes)])
 
 
 def fisher_rows(mass: np.ndarray, n_rows: int | None, seed: int, floor: float = 0.1) -> tuple[np.ndarray | None, np.ndarray]:
@@ -306,22 +323,27 @@ def head_probe(
     spec: ProbeSpec,
     n_rows: int | None,
     softcap: float | None = None,
+    *,
+    first_probe: int = 0,
+    ranks=None,
 ) -> tuple[torch.Tensor, np.ndarray | None, list[np.ndarray]]:
     """Probe gradients at the LM head, reading its weight in row chunks.
 
     Args:
         sk: the skeleton (the head is read with :meth:`ModelSkeleton.iter_rows`).
         head_weight: the LM head's parameter name (the input embedding's when tied).
-        normed: final-normed hidden states of the probe sequences ``[n, S, d]``.
-        spec: probe count, sequence length and seed.
+        normed: final-normed hidden states of this process's probe sequences ``[n, S, d]``.
+        spec: probe count (over all processes), sequence length and seed.
         n_rows: how many head rows the measurement uses, in expectation (None: all).
         softcap: final logit soft-capping (Gemma-2), applied as the model does.
+        first_probe: the index of ``normed[0]`` among all probe sequences (its signs are that probe's).
+        ranks: the :class:`~dq.analysis.ranks.Ranks` whose probes share the Fisher mass (default: one process).
 
     Returns:
         The gradient at ``normed`` (zero at unscored positions); the measured rows (:func:`fisher_rows`, by the
-        probes' Fisher mass; None: all); per probe, the head's weight gradient on those rows (``[rows, d]``),
-        each row multiplied by ``1/sqrt(pi)`` so that the squared projections sum to the whole head's
-        (measure it with ``rows_scale=1``).
+        probes' Fisher mass summed over every process; None: all); per probe of ``normed``, the head's weight
+        gradient on those rows (``[rows, d]``), each row multiplied by ``1/sqrt(pi)`` so that the squared
+        projections sum to the whole head's (measure it with ``rows_scale=1``).
 
     Three passes over the vocabulary (log-sum-exp; ``sqrt(p) . r`` and each row's Fisher mass; then the probe
     ``v`` itself), one chunk of rows at a time, so neither the head nor a ``[tokens, vocab]`` matrix is ever
@@ -332,7 +354,7 @@ def head_probe(
     x = normed[:, sc].reshape(-1, d).float().cpu()
     per_seq = sc.stop - sc.start
     rows_total = int(sk.module_param(head_weight).shape[0])
-    chunk = head_chunk_rows(d, x.shape[0])
+    chunk = head_chunk_rows(d, spec.n_probes * per_seq)
 
     def logits(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = x @ w.T
@@ -340,6 +362,9 @@ def head_probe(
             t = torch.tanh(z / softcap)
             return t * softcap, 1 - t * t
         return z, None
+
+    def signs(k: int, cols: int) -> torch.Tensor:
+        return probe_signs(n, per_seq, cols, spec.seed, k, first_probe)
 
     m = torch.full((x.shape[0],), -torch.inf)
     ssum = torch.zeros(x.shape[0])
@@ -354,9 +379,11 @@ def head_probe(
     for k, (r0, w) in enumerate(sk.iter_rows(head_weight, chunk)):
         z, dcap = logits(w)
         p = torch.exp(z - lse[:, None])
-        c += (torch.exp(0.5 * (z - lse[:, None])) * rademacher(z.shape, spec.seed, k)).sum(-1)
+        c += (torch.exp(0.5 * (z - lse[:, None])) * signs(k, z.shape[1])).sum(-1)
         fisher = p * (1 - p) if dcap is None else p * (1 - p) * dcap * dcap
-        mass[r0 : r0 + w.shape[0]] = fisher.sum(0).double().numpy()
+        mass[r0 : r0 + w.shape[0]] = fisher.sum(0, dtype=torch.float64).numpy()
+    if ranks is not None:
+        mass = ranks.sum(mass)  # every process draws the same rows from every probe's mass
     rows, pi = fisher_rows(mass, n_rows, spec.seed)
     g = torch.zeros_like(x)
     sel = None if rows is None else torch.from_numpy(rows)
@@ -365,7 +392,7 @@ def head_probe(
     for k, (r0, w) in enumerate(sk.iter_rows(head_weight, chunk)):
         z, dcap = logits(w)
         p = torch.exp(z - lse[:, None])
-        v = (p.sqrt() * rademacher(z.shape, spec.seed, k) - p * c[:, None]) * spec.scale
+        v = (p.sqrt() * signs(k, z.shape[1]) - p * c[:, None]) * spec.scale
         if dcap is not None:
             v = v * dcap
         g += v @ w
@@ -426,8 +453,10 @@ def embedding_grads(emb: nn.Module, rows: torch.Tensor, local_ids: torch.Tensor,
 
 
 def backward_block(sk: ModelSkeleton, i: int, inputs: torch.Tensor, g_out: torch.Tensor, layer_args,
-                   collector: BlockGradients, seq_len: int) -> torch.Tensor:
+                   collector: BlockGradients, seq_len: int, first_seq: int = 0) -> torch.Tensor:
     """Recompute loaded block ``i`` on its saved ``inputs [n, S, d]`` and backpropagate ``g_out``.
+
+    ``first_seq`` is the index of ``inputs[0]`` among all probe sequences (the collector's token ids are global).
 
     Returns:
         The gradient at the block's input ``[n, S, d]``.
@@ -436,7 +465,8 @@ def backward_block(sk: ModelSkeleton, i: int, inputs: torch.Tensor, g_out: torch
     args, kwargs = layer_args.args[i], layer_args.kwargs[i]
     g_in = torch.empty_like(inputs)
     for j in range(inputs.shape[0]):
-        collector.sequence(np.arange(j * seq_len, (j + 1) * seq_len))
+        s = first_seq + j
+        collector.sequence(np.arange(s * seq_len, (s + 1) * seq_len))
         x = inputs[j : j + 1].to(sk.device).requires_grad_(True)
         with torch.enable_grad():
             y = layer(x, *args, **kwargs)

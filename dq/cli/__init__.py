@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -38,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command that re-starts itself passes on
+    who = f"dq[rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "dq"
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="dq: %(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s",
+        format=f"{who}: %(message)s" if not args.verbose else f"%(levelname)s {who} %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.command is None:

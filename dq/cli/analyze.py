@@ -3,6 +3,7 @@
 Example:
     dq analyze smollm2-135m -o out/smollm2 --tokens 8192
     dq analyze MODEL_DIR -o out/m --candidates Q4_K,Q3_K,IQ2_XXS --resume --json
+    dq analyze MODEL_DIR -o out/m --device cuda --nproc 8         # = torchrun --nproc-per-node 8 -m dq analyze ...
 """
 
 from __future__ import annotations
@@ -38,14 +39,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads")
     p.add_argument("--resume", action="store_true", help="skip blocks finished by an interrupted run in --out")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run as N processes on this node under torchrun (one per GPU with --device cuda; gloo on "
+                        "CPUs): the same as `torchrun --nproc-per-node N -m dq analyze ...`")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a process waits for the others at a collective before the job fails (default 1800)")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON instead of a table")
     p.set_defaults(func=run)
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-start this command as ``nproc`` processes under torchrun (``--nproc`` dropped from ``argv``)."""
+    import os
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "dq", *rest]
+    os.execv(sys.executable, cmd)
+    return 1  # not reached
 
 
 def run(args: argparse.Namespace) -> int:
     from dq.analysis.analyze import AnalyzeOptions, analyze
     from dq.analysis.measure import parse_candidates
+    from dq.analysis.ranks import Ranks, launched_by_torchrun
     from dq.analysis.report import summary_table
+    from dq.errors import AnalysisError
+
+    if args.nproc is not None and args.nproc < 1:
+        raise AnalysisError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and not launched_by_torchrun():
+        return _torchrun(args.nproc, args.argv)
 
     opts = AnalyzeOptions(
         candidates=parse_candidates(args.candidates), calib_file=args.calib, n_tokens=args.tokens,
@@ -66,11 +97,15 @@ def run(args: argparse.Namespace) -> int:
                                      disable=None)
         bar.update(done - bar.n)
 
+    ranks = Ranks.from_env(opts.device, args.dist_timeout)
     try:
-        analysis = analyze(args.model, args.out, opts, resume=args.resume, progress=progress)
+        analysis = analyze(args.model, args.out, opts, resume=args.resume, progress=progress, ranks=ranks)
     finally:
         for bar in bars.values():
             bar.close()
+        ranks.close()
+    if analysis is None:  # another rank than 0: rank 0 writes and prints
+        return 0
     if args.json:
         json.dump(analysis.to_dict(), sys.stdout)
         sys.stdout.write("\n")

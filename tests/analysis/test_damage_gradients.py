@@ -28,7 +28,7 @@ def _whole_model_grads(model_dir, opts: AnalyzeOptions):
     """Per probe, every parameter's gradient of ``v . logits`` by plain autograd on the whole model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dq.analysis.gradients import head_chunk_rows, rademacher, scored_positions
+    from dq.analysis.gradients import head_chunk_rows, probe_signs, scored_positions
     from dq.calibration import sample_calibration
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -41,7 +41,7 @@ def _whole_model_grads(model_dir, opts: AnalyzeOptions):
         z_all = torch.cat([model(ids[j : j + 1]).logits[0, sc].float() for j in range(n_probe)])
     vocab, d = model.get_output_embeddings().weight.shape
     chunk = head_chunk_rows(d, z_all.shape[0])
-    r = torch.cat([rademacher((z_all.shape[0], min(chunk, vocab - r0)), opts.seed, k)
+    r = torch.cat([probe_signs(n_probe, per_seq, min(chunk, vocab - r0), opts.seed, k)
                    for k, r0 in enumerate(range(0, vocab, chunk))], dim=1)
     p = torch.softmax(z_all, -1)
     v = (p.sqrt() * r - p * (p.sqrt() * r).sum(-1, keepdim=True)) / np.sqrt(n_probe * per_seq)
