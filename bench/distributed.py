@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--grad-tokens", type=int, default=2048)
     ap.add_argument("--candidates", default=None, help="default: dq analyze's")
-    ap.add_argument("--bpw", type=float, default=2.5, help="budget of the plan compared (bits per weight)")
+    ap.add_argument("--bpw", type=float, default=4.5, help="budget of the plan compared (bits per weight)")
     ap.add_argument("--name", default=None, help="results file stem (default: distributed_<model>_<device>)")
     args = ap.parse_args()
 
@@ -99,7 +99,7 @@ def main() -> None:
 
         hidden, ffn, layers = (int(x) for x in args.random_llama.split(","))
         model = str(tiny_llama(tmp / "model", hidden=hidden, intermediate=ffn, layers=layers,
-                               heads=max(1, hidden // 128), kv_heads=max(1, hidden // 512), vocab_size=8000))
+                               heads=max(1, hidden // 128), kv_heads=max(1, hidden // 512), vocab_size=4096))
         label = f"random-llama-{hidden}x{ffn}x{layers}"
     rows, outs = [], {}
     for n in args.nproc:

@@ -28,9 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import reduce
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,9 @@ from dq.analysis.loader import ModelSkeleton, limit_heap_growth
 from dq.analysis.measure import (
     DEFAULT_CANDIDATES,
     MatrixInput,
+    finish_measure,
     measure_path,
+    measure_sums,
     measure_tensor,
     parse_candidates,
     row_subsets,
@@ -244,14 +248,14 @@ def _forward_stats(sk: ModelSkeleton, stats: dict[str, TensorStats], expert_modu
 
 def _measure_params(sk: ModelSkeleton, names: list[str], mapper: NameMapper, imatrix: dict[str, ImatrixEntry],
                     grads: dict[str, TensorGrads], expert_modules: dict[str, tuple[str, str, str]],
-                    opt: AnalyzeOptions, found: Found) -> None:
+                    opt: AnalyzeOptions, found: Found, ranks: Ranks = Ranks()) -> None:
     for n in names:
         mod_path, _, pname = n.rpartition(".")
         if mod_path in expert_modules and pname.endswith("_bias"):
             continue  # expert biases (gpt-oss) are stored as they are
         if mod_path in expert_modules and pname in ("gate_up_proj", "down_proj", "gate_proj", "up_proj"):
             if pname in ("gate_up_proj", "gate_proj"):
-                _measure_experts(sk, mod_path, expert_modules[mod_path], imatrix, grads, opt, found)
+                _measure_experts(sk, mod_path, expert_modules[mod_path], imatrix, grads, opt, found, ranks)
             continue
         p = sk.module_param(n).detach()
         gname = mapper.gguf_name(n)
@@ -296,9 +300,13 @@ def _measure_split(p: torch.Tensor, hf_name: str, parts, rec: TensorGrads | None
 
 
 def _measure_experts(sk: ModelSkeleton, path: str, names: tuple[str, str, str], imatrix: dict[str, ImatrixEntry],
-                     grads: dict[str, TensorGrads], opt: AnalyzeOptions, found: Found) -> None:
+                     grads: dict[str, TensorGrads], opt: AnalyzeOptions, found: Found, ranks: Ranks) -> None:
     """The merged gate/up/down expert tensors of one MoE module. Only each expert's measured rows are copied
-    (``max_elements`` spread over the experts: a few rows each for 256 experts), never every expert at once."""
+    (``max_elements`` spread over the experts: a few rows each for 256 experts), never every expert at once.
+
+    Every process measures its share of the experts (``grads`` holds those experts' probe gradients) and rank 0
+    adds the shares' error sums (:class:`~dq.analysis.measure.PartialMeasure`) into the tensor's errors.
+    """
     mod = sk.module(path)
     p = {k: v.detach() for k, v in expert_params(mod).items()}
     n_exp = p["down_proj"].shape[0]
@@ -314,18 +322,23 @@ def _measure_experts(sk: ModelSkeleton, path: str, names: tuple[str, str, str], 
         entry, rec = imatrix.get(gname), grads.get(gname)
         subsets = rec.rows if rec else row_subsets(n_exp, rows, cols, opt.max_elements, opt.seed)
         mats, max_abs = [], 0.0
-        for e, sub in enumerate(subsets):
-            w = matrix(e)
+        for e in ranks.shard(n_exp):
+            w, sub = matrix(e), subsets[e]
             max_abs = max(max_abs, float(w.abs().max()))
             w = w if sub is None else w[torch.from_numpy(sub).to(w.device)]
             mats.append(MatrixInput(w.float().cpu().numpy(), _expert_importance(entry, e),
                                     rec.sample_matrix(e) if rec else None, rec.stacked(e) if rec else None))
         shape = (n_exp, rows, cols)
-        errors = measure_tensor(mats, shape, opt.candidates, n_threads=opt.n_threads, device=opt.device,
-                                subsets=[None] * n_exp)
+        partial = measure_sums(mats, shape, opt.candidates, n_threads=opt.n_threads, device=opt.device,
+                               subsets=[None] * len(mats))
+        del mats
+        parts = ranks.gather((partial, max_abs))
+        if parts is None:
+            continue
+        errors = finish_measure(reduce(operator.add, [q for q, _ in parts]), shape, opt.candidates)
         found.tensors.append(TensorMeasurement(
             name=gname, hf_name=f"{path}.down_proj" if kind == "down" else param, role=classify(gname),
-            layer=layer_index(gname), shape=shape, errors=errors, max_abs=max_abs,
+            layer=layer_index(gname), shape=shape, errors=errors, max_abs=max(m for _, m in parts),
         ))
 
 
@@ -395,35 +408,29 @@ def _forward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, hidde
     return hidden
 
 
-def _units(sk: ModelSkeleton, names: list[str], mapper: NameMapper,
-           experts: dict[str, tuple[str, str, str]]) -> list[tuple[list[str], list[str], int]]:
-    """A block's measurement units: ``(parameter names, GGUF names whose gradients it needs, weights)``; a
-    merged-experts module is one unit (its gate, up and down are measured together)."""
-    units: list[tuple[list[str], list[str], int]] = []
-    by_module: dict[str, int] = {}
-    for n in names:
-        mod_path = n.rpartition(".")[0]
-        size = int(sk.module_param(n).numel())
-        if mod_path in experts:
-            if mod_path not in by_module:
-                by_module[mod_path] = len(units)
-                units.append(([], list(experts[mod_path]), 0))
-            k = by_module[mod_path]
-            units[k][0].append(n)
-            units[k] = (units[k][0], units[k][1], units[k][2] + size)
-        else:
-            units.append(([n], [mapper.gguf_name(n)], size))
-    return units
+def _units(sk: ModelSkeleton, names: list[str], mapper: NameMapper) -> list[tuple[str, str, int]]:
+    """A block's parameters outside merged-experts modules as ``(name, GGUF name, weights)``: the units dealt
+    to processes (experts are shared out expert by expert instead, :func:`_measure_experts`)."""
+    return [(n, mapper.gguf_name(n), int(sk.module_param(n).numel())) for n in names]
 
 
-def _gather_grads(grads: dict[str, TensorGrads], owner: dict[str, int], ranks: Ranks) -> dict[str, TensorGrads]:
-    """Each tensor's probe gradients and samples, from every process, on the process that measures it."""
+def _gather_grads(grads: dict[str, TensorGrads], owner: dict[str, int], experts: set[str],
+                  ranks: Ranks) -> dict[str, TensorGrads]:
+    """Each tensor's probe gradients and samples, from every process, on the process that measures it: a
+    plain tensor on its ``owner``; a merged-experts tensor (in ``experts``) expert by expert, each process
+    receiving the experts of its share."""
     if ranks.world == 1:
         return grads
     out = {}
     for name in sorted(grads):
-        dst = owner.get(name, 0)
-        parts = ranks.gather(grads[name], dst=dst)
+        rec = grads[name]
+        if name in experts:
+            for dst in range(ranks.world):
+                parts = ranks.gather(rec.only(Ranks(dst, ranks.world).shard(len(rec.rows))), dst=dst)
+                if parts is not None:
+                    out[name] = TensorGrads.join(parts)
+            continue
+        parts = ranks.gather(rec, dst=owner.get(name, 0))
         if parts is not None:
             out[name] = TensorGrads.join(parts)
     return out
@@ -448,12 +455,16 @@ def _backward_sweep(sk: ModelSkeleton, mapper: NameMapper, ck: Checkpoints, laye
             t1 = time.time()
             times["backward_gradients"] = times.get("backward_gradients", 0.0) + t1 - t0
             experts = expert_modules(block, prefix, mapper)
-            units = _units(sk, names, mapper, experts)
-            dealt = ranks.deal([min(size, opt.max_elements or size) * len(gn) for _, gn, size in units])
-            owner = {gn: r for (_, gns, _), r in zip(units, dealt) for gn in gns}
-            grads = _gather_grads(bg.grads, owner, ranks)
-            mine = [n for (ns, _, _), r in zip(units, dealt) if r == ranks.rank for n in ns]
+            in_experts = [n for n in names if n.rpartition(".")[0] in experts]
+            units = _units(sk, [n for n in names if n not in set(in_experts)], mapper)
+            dealt = ranks.deal([min(size, opt.max_elements or size) for _, _, size in units])
+            owner = {gn: r for (_, gn, _), r in zip(units, dealt)}
+            grads = _gather_grads(bg.grads, owner, {g for gs in experts.values() for g in gs}, ranks)
             found = Found()
+            # every process measures its share of each merged-experts tensor (collectives inside: same order
+            # everywhere), then the plain tensors dealt to it
+            _measure_params(sk, in_experts, mapper, imatrix, grads, experts, opt, found, ranks)
+            mine = [n for (n, _, _), r in zip(units, dealt) if r == ranks.rank]
             _measure_params(sk, mine, mapper, imatrix, grads, experts, opt, found)
             del grads
             times["measure"] = times.get("measure", 0.0) + time.time() - t1

@@ -120,6 +120,13 @@ class TensorGrads:
                 out.samples[e].extend(part.samples[e])
         return out
 
+    def only(self, experts: range) -> TensorGrads:
+        """A copy holding the gradients and samples of ``experts`` only (the others' lists empty)."""
+        out = TensorGrads(self.name, self.rows)
+        for e in experts:
+            out.grads[e], out.samples[e] = self.grads[e], self.samples[e]
+        return out
+
     def stacked(self, e: int) -> np.ndarray | None:
         """``[probes, measured rows, cols]`` of matrix ``e``; None if it saw no probe."""
         return np.stack(self.grads[e]) if self.grads[e] else None

@@ -46,8 +46,8 @@ from dq.quant import libggml
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, parse_format, tensor_nbytes
 
 __all__ = [
-    "DEFAULT_CANDIDATES", "parse_candidates", "MatrixInput", "measure_tensor", "round_trip", "measure_path",
-    "kernel_formats", "MeasurePath", "row_subsets",
+    "DEFAULT_CANDIDATES", "parse_candidates", "MatrixInput", "measure_tensor", "measure_sums", "finish_measure",
+    "PartialMeasure", "round_trip", "measure_path", "kernel_formats", "MeasurePath", "row_subsets",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,45 @@ def measure_tensor(
         >>> e.stored, e.nbytes
         (<QuantFormat.Q8_0: 'Q8_0'>, 272)
     """
+    partial = measure_sums(mats, shape, candidates, max_elements=max_elements, seed=seed, n_threads=n_threads,
+                           device=device, kernels=kernels, subsets=subsets)
+    return finish_measure(partial, shape, candidates, rows_scale=rows_scale)
+
+
+@dataclass
+class PartialMeasure:
+    """The additive part of a measurement: per stored type, error numerators and denominators summed over
+    some of a tensor's matrices (experts). Parts of one tensor measured apart (by different processes) add
+    with ``+``; :func:`finish_measure` turns the total into errors."""
+
+    sums: dict[QuantFormat, tuple[float, ...]]
+    measured_rows: int = 0
+    has_im: bool = False
+    has_x: bool = False
+    has_g: bool = False
+
+    def __add__(self, other: PartialMeasure) -> PartialMeasure:
+        keys = list(self.sums) + [k for k in other.sums if k not in self.sums]
+        zero = (0.0,) * 7
+        return PartialMeasure(
+            {k: tuple(a + b for a, b in zip(self.sums.get(k, zero), other.sums.get(k, zero))) for k in keys},
+            self.measured_rows + other.measured_rows, self.has_im or other.has_im, self.has_x or other.has_x,
+            self.has_g or other.has_g)
+
+
+def measure_sums(
+    mats: Sequence[MatrixInput],
+    shape: Sequence[int],
+    candidates: Sequence[QuantFormat],
+    *,
+    max_elements: int | None = None,
+    seed: int = 0,
+    n_threads: int | None = None,
+    device: str = "cpu",
+    kernels: bool | None = None,
+    subsets: Sequence[np.ndarray | None] | None = None,
+) -> PartialMeasure:
+    """The sums behind :func:`measure_tensor` over ``mats`` (arguments as there)."""
     if subsets is None:
         rows0, cols0 = mats[0].weight.shape if mats else (0, 0)
         same = all(m.weight.shape == (rows0, cols0) for m in mats)
@@ -242,35 +281,40 @@ def measure_tensor(
             raise ValueError(f"gradients of shape {m.grads.shape[1:]} for a measured matrix of shape {w.shape}")
         prepared.append((w, m.importance, x, m.grads))
 
-    has_im = any(p[1] is not None for p in prepared)
-    has_x = any(p[2] is not None for p in prepared)
-    has_g = any(p[3] is not None for p in prepared)
-    measured_rows = sum(p[0].shape[0] for p in prepared)
-    all_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    kld_scale = all_rows / measured_rows if rows_scale is None else rows_scale
     use_kernels = measure_path(device, announce=False) == "kernels" if kernels is None else kernels
-    on_device = _DeviceMats(prepared, device) if use_kernels else None
+    on_device = _DeviceMats(prepared, device) if use_kernels and prepared else None
     cpu_y: list[np.ndarray | None] | None = None
-    by_stored: dict[QuantFormat, tuple[float, float | None, float | None]] = {}
+    by_stored: dict[QuantFormat, tuple[float, ...]] = {}
+    for fmt in candidates:
+        stored = effective_format(fmt, shape) if not FORMATS[fmt].is_float else fmt
+        if stored in by_stored:
+            continue
+        if on_device is not None and stored in kernel_formats():
+            by_stored[stored] = on_device.sums(stored)
+        else:
+            if cpu_y is None:
+                cpu_y = [None if x is None else x @ w.T for w, _, x, _ in prepared]
+            by_stored[stored] = _libggml_sums(prepared, cpu_y, stored, n_threads)
+    return PartialMeasure(by_stored, sum(p[0].shape[0] for p in prepared), any(p[1] is not None for p in prepared),
+                          any(p[2] is not None for p in prepared), any(p[3] is not None for p in prepared))
+
+
+def finish_measure(partial: PartialMeasure, shape: Sequence[int], candidates: Sequence[QuantFormat], *,
+                   rows_scale: float | None = None) -> tuple[TypeError_, ...]:
+    """One ``TypeError_`` per candidate from the summed parts of a tensor (``rows_scale`` as in
+    :func:`measure_tensor`)."""
+    all_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    kld_scale = all_rows / max(1, partial.measured_rows) if rows_scale is None else rows_scale
     out = []
     for fmt in candidates:
         stored = effective_format(fmt, shape) if not FORMATS[fmt].is_float else fmt
-        if stored not in by_stored:
-            if on_device is not None and stored in kernel_formats():
-                sums = on_device.sums(stored)
-            else:
-                if cpu_y is None:
-                    cpu_y = [None if x is None else x @ w.T for w, _, x, _ in prepared]
-                sums = _libggml_sums(prepared, cpu_y, stored, n_threads)
-            wn, wd, imn, imd, an, ad, kn = sums
-            by_stored[stored] = (
-                wn / wd if wd > 0 else 0.0,
-                (imn / imd if imd > 0 else 0.0) if has_im else None,
-                (an / ad if ad > 0 else 0.0) if has_x else None,
-                0.5 * kn * kld_scale if has_g else None,
-            )
-        werr, wierr, aerr, kld = by_stored[stored]
-        out.append(TypeError_(fmt, stored, tensor_nbytes(stored, shape), werr, wierr, aerr, kld))
+        wn, wd, imn, imd, an, ad, kn = partial.sums[stored]
+        out.append(TypeError_(
+            fmt, stored, tensor_nbytes(stored, shape), wn / wd if wd > 0 else 0.0,
+            (imn / imd if imd > 0 else 0.0) if partial.has_im else None,
+            (an / ad if ad > 0 else 0.0) if partial.has_x else None,
+            0.5 * kn * kld_scale if partial.has_g else None,
+        ))
     return tuple(out)
 
 

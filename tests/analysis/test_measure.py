@@ -53,3 +53,22 @@ def test_candidates_parse_and_reject_unknown():
     assert parse_candidates("q4_k, Q2_K") == (F.Q4_K, F.Q2_K)
     with pytest.raises(AnalysisError, match="Q4_K_XL.*choose from"):
         parse_candidates(["Q4_K_XL"])
+
+
+def test_partial_measures_of_expert_shares_add_up_to_the_whole_tensor():
+    """Processes measure shares of a merged-experts tensor apart; their sums add to the one-call measurement."""
+    from dq.analysis.measure import finish_measure, measure_sums
+
+    rng = np.random.default_rng(3)
+    mats = [MatrixInput(rng.standard_normal((8, 256)).astype(np.float32), rng.random(256).astype(np.float32) + 0.1,
+                        rng.standard_normal((5, 256)).astype(np.float32),
+                        rng.standard_normal((2, 8, 256)).astype(np.float32)) for _ in range(4)]
+    shape, cands = (4, 8, 256), (F.Q4_K, F.IQ2_XXS)
+    whole = measure_tensor(mats, shape, cands, subsets=[None] * 4)
+    a = measure_sums(mats[:1], shape, cands, subsets=[None])
+    b = measure_sums(mats[1:], shape, cands, subsets=[None] * 3)
+    parts = finish_measure(a + b, shape, cands)
+    for w, p in zip(whole, parts):
+        assert (w.stored, w.nbytes) == (p.stored, p.nbytes)
+        for f in ("weight_err", "weighted_err", "act_err", "kld"):
+            assert getattr(p, f) == pytest.approx(getattr(w, f), rel=1e-12)
