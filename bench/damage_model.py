@@ -41,7 +41,9 @@ def _items(inputs, sources):
     low = min(inputs.analysis.candidates, key=lambda f: FORMATS[f].bits_per_weight)
     policy = Policy(role_floors={r: low for r in Policy().role_floors}, first_down_layers=0,
                     protect_super_weights=False, float_types=())
-    items, _ = build_items(inputs.analysis, sources, policy, inputs.damage)
+    # types that need an imatrix only where it has an entry (an untied embedding has none), as the planner does
+    names = frozenset(inputs.imatrix.entries) if inputs.imatrix is not None else frozenset()
+    items, _ = build_items(inputs.analysis, sources, policy, inputs.damage, imatrix_names=names)
     return [it for it in items if it.role.value not in ("vision", "projector")]
 
 
