@@ -21,12 +21,13 @@ Two paths (:func:`measure_path` picks one per run and logs it):
 
 - ``libggml`` (CPU, the default): every type through libggml, with the imatrix, as above.
 - ``kernels`` (``dq analyze --device cuda`` with Triton): stored types in
-  :data:`~dq.kernels.ref_quant.FAKE_QUANT_FORMATS` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K)
-  are measured on the GPU by one fused kernel pass per tensor and type: ``weight_err``/``weighted_err``
+  :data:`~dq.kernels.ref_quant.FAKE_QUANT_FORMATS` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K;
+  IQ4_NL and IQ4_XS as torch ops on the device) are measured on the GPU by one fused kernel pass per tensor
+  and type: ``weight_err``/``weighted_err``
   sums, and Q(W) for ``act_err`` (a float64 matmul on the device). The kernels port ggml's quantizers
   bit-exactly, the imatrix-aware ``quantize_row_*_impl`` searches included (used whenever importance
   weights are present, as libggml does), so the GPU table equals the CPU table up to the forward pass
-  running on another device (``docs/results/analyze_gpu_vs_cpu.md``). IQ types, IQ4_NL, MXFP4 and
+  running on another device (``docs/results/analyze_gpu_vs_cpu.md``). The other IQ types, MXFP4 and
   float types always use libggml.
 """
 
@@ -120,7 +121,7 @@ def kernel_formats() -> tuple[QuantFormat, ...]:
 
     The kernels port both of ggml's quantizers for these types, the reference one and the imatrix-aware
     ``quantize_row_*_impl`` (used whenever importance weights are given, as libggml does), so
-    ``--device cuda`` measures exactly what llama.cpp writes. IQ types stay on libggml.
+    ``--device cuda`` measures exactly what llama.cpp writes. IQ types other than IQ4_NL/IQ4_XS stay on libggml.
     """
     from dq.kernels.ref_quant import FAKE_QUANT_FORMATS
 

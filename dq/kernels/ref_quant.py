@@ -8,7 +8,8 @@ sequentially, element by element, as the C loops do; a pairwise ``torch.sum`` wo
 bit and occasionally flip a scale search.
 
 This module covers the 32-weight types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) and the ternary types (TQ1_0,
-TQ2_0); the K-quants' scale searches live in :mod:`dq.kernels.ref_kquant`. Both run on any torch device.
+TQ2_0); the K-quants' scale searches live in :mod:`dq.kernels.ref_kquant`, the non-linear IQ4_NL/IQ4_XS
+search in :mod:`dq.kernels.ref_iq4` (which always quantizes as libggml does, imatrix or not). Both run on any torch device.
 
 Example:
     >>> import torch
@@ -52,6 +53,8 @@ FAKE_QUANT_FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat.Q4_K,
     QuantFormat.Q5_K,
     QuantFormat.Q6_K,
+    QuantFormat.IQ4_NL,
+    QuantFormat.IQ4_XS,
 )
 
 
@@ -162,6 +165,10 @@ def fake_quant(weight: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | N
     bs = FORMATS[fmt].block_size
     if x.shape[1] % bs:
         raise ValueError(f"row length {x.shape[1]} is not a multiple of {fmt}'s block size {bs}")
+    if fmt in (QuantFormat.IQ4_NL, QuantFormat.IQ4_XS):
+        from dq.kernels.ref_iq4 import fake_quant_iq4
+
+        return fake_quant_iq4(x, fmt, None if imatrix is None else imatrix.reshape(-1))
     b = x.reshape(-1, bs)
     if imatrix is not None:
         if fmt.value.endswith("_K"):

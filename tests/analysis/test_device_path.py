@@ -68,7 +68,7 @@ def _mats(rng: np.random.Generator, rows: int, cols: int, experts: int = 1, imat
     return out
 
 
-# Q4_K on 512 columns stays Q4_K; Q5_K on 288 falls back to Q5_1 (kernel), IQ4_XS on 288 to IQ4_NL (libggml).
+# Q4_K on 512 columns stays Q4_K; Q5_K on 288 falls back to Q5_1, IQ4_XS on 288 to IQ4_NL (both ported).
 @pytest.mark.parametrize("cols,fmts", [(512, [F.Q8_0, F.Q4_K, F.Q2_K, F.IQ4_XS]), (288, [F.Q5_K, F.TQ2_0, F.IQ4_XS])])
 def test_kernel_path_equals_libggml_without_imatrix(cols, fmts):
     mats = _mats(np.random.default_rng(cols), 6, cols, experts=2)
@@ -84,7 +84,7 @@ def test_kernel_path_equals_libggml_without_imatrix(cols, fmts):
 
 def test_kernel_path_with_imatrix_equals_libggml():
     """With an imatrix the kernel path runs libggml's imatrix searches (quantize_row_*_impl; Q8_0/TQ2_0
-    ignore it) and IQ4_XS goes to libggml: the whole table equals the CPU path's."""
+    ignore it), IQ4_XS included (dq.kernels.ref_iq4): the whole table equals the CPU path's."""
     mats = _mats(np.random.default_rng(1), 8, 256, imatrix=True)
     fmts = [F.Q8_0, F.TQ2_0, F.Q2_K, F.Q3_K, F.Q4_K, F.Q5_K, F.Q6_K, F.Q5_1, F.Q4_0, F.IQ4_XS]
     ref = measure_tensor(mats, (8, 256), fmts, kernels=False)

@@ -88,6 +88,7 @@ IMATRIX_WSSE_RATIO = {
     QuantFormat.Q8_0: 1.0, QuantFormat.Q4_0: 1.0587, QuantFormat.Q4_1: 1.7693, QuantFormat.Q5_0: 1.0131,
     QuantFormat.Q5_1: 1.1853, QuantFormat.TQ1_0: 1.0, QuantFormat.TQ2_0: 1.0, QuantFormat.Q2_K: 2.8148,
     QuantFormat.Q3_K: 1.1165, QuantFormat.Q4_K: 0.9883, QuantFormat.Q5_K: 0.9716, QuantFormat.Q6_K: 1.0109,
+    QuantFormat.IQ4_NL: 1.0331, QuantFormat.IQ4_XS: 1.0396,
 }
 
 
