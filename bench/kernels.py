@@ -21,26 +21,22 @@ import numpy as np
 import torch
 
 from dq.kernels import act_stats, dequantize, quant_error
-from dq.kernels.api import TORCH_ONLY_QUANT_FORMATS, TRITON_DEQUANT_FORMATS
+from dq.kernels.api import TRITON_DEQUANT_FORMATS
 from dq.quant import QuantFormat, libggml, tensor_nbytes
 
 TYPES = [QuantFormat.Q8_0, QuantFormat.Q4_0, QuantFormat.Q4_1, QuantFormat.Q5_0, QuantFormat.Q5_1,
          QuantFormat.TQ1_0, QuantFormat.TQ2_0, QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K,
-         QuantFormat.Q5_K, QuantFormat.Q6_K]
+         QuantFormat.Q5_K, QuantFormat.Q6_K, QuantFormat.IQ4_NL, QuantFormat.IQ4_XS]
 
 
-def gpu_time(fn, reps: int = 20, graph: bool = True) -> float:
-    """Seconds per call; replayed from a CUDA graph so host launch overhead (~0.1-0.2 ms) is excluded.
+def gpu_time(fn, reps: int = 20) -> float:
+    """Seconds per call; replayed from a CUDA graph so host launch overhead (~0.1-0.2 ms) is excluded."""
+    try:
+        from triton.testing import do_bench_cudagraph
 
-    ``graph=False`` times eagerly (launch overhead included): the torch-op ports are not graph-captured.
-    """
-    if graph:
-        try:
-            from triton.testing import do_bench_cudagraph
-
-            return do_bench_cudagraph(fn, rep=reps) / 1000
-        except Exception:  # noqa: BLE001 - fall back to eager timing (includes launch overhead)
-            pass
+        return do_bench_cudagraph(fn, rep=reps) / 1000
+    except Exception:  # noqa: BLE001 - fall back to eager timing (includes launch overhead)
+        pass
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -115,9 +111,7 @@ def main() -> int:
         w = w_cpu.cuda()
         im = torch.rand(cols, device="cuda") + 0.1
         for fmt in types:
-            # IQ4_NL/IQ4_XS are ported as torch ops (no Triton kernel), timed eagerly
-            be, graph = ("torch", False) if fmt in TORCH_ONLY_QUANT_FORMATS else ("triton", True)
-            t_err = gpu_time(lambda: quant_error(w, fmt, im, backend=be), reps=5 if be == "torch" else 20, graph=graph)
+            t_err = gpu_time(lambda: quant_error(w, fmt, im, backend="triton"))
             err_bytes = w.numel() * 4 + cols * 4
             wn = w_cpu.numpy()
             if args.cpu_rows:
@@ -133,14 +127,13 @@ def main() -> int:
                 t_deq = gpu_time(lambda: dequantize(data, fmt, (rows, cols), torch.bfloat16, backend="triton"))
                 deq_gbps = (tensor_nbytes(fmt, (rows, cols)) + w.numel() * 2) / t_deq / 1e9
             # libggml's imatrix quantizer (quantize_row_*_impl) vs its port
-            t_im = gpu_time(lambda: quant_error(w, fmt, im, backend=be, imatrix_quantizer=True),
-                            reps=5 if be == "torch" else 20, graph=graph)
+            t_im = gpu_time(lambda: quant_error(w, fmt, im, backend="triton", imatrix_quantizer=True))
             im_np = im.cpu().numpy()
             t0 = time.perf_counter()
             libggml.dequantize(libggml.quantize(wn, fmt, im_np), fmt, wn.shape)
             t_cpu_im = (time.perf_counter() - t0) * rows / wn.shape[0]
             r = {
-                "shape": [rows, cols], "type": fmt.value, "err_backend": be,
+                "shape": [rows, cols], "type": fmt.value,
                 "err_imatrix_quantizer_ms": t_im * 1e3,
                 "cpu_imatrix_quant_dequant_ms": t_cpu_im * 1e3,
                 "speedup_imatrix_vs_cpu": t_cpu_im / t_im,

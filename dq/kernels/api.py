@@ -27,7 +27,7 @@ from dq.quant.formats import FORMATS, FormatSpec, QuantFormat
 
 __all__ = [
     "quant_error", "dequantize", "act_stats", "triton_available", "resolve_backend", "Backend",
-    "TRITON_DEQUANT_FORMATS", "TORCH_ONLY_QUANT_FORMATS",
+    "TRITON_DEQUANT_FORMATS",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def quant_error(
 
     Args:
         weight: ``[rows, n_per_row]`` float tensor; ``n_per_row`` a multiple of the type's block size.
-        fmt: the candidate type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS;
-            the last two run as torch ops on the tensor's device, ``backend="triton"`` is refused for them).
+        fmt: the candidate type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS).
         imatrix: optional ``[n_per_row]`` importance weights; they weight the error.
         backend: ``auto``, ``triton`` or ``torch``.
         imatrix_quantizer: also quantize with the imatrix as libggml does (``quantize_row_*_impl``). Off:
@@ -118,8 +117,11 @@ def quant_error(
         )
     if imatrix is not None and tuple(imatrix.shape) != (weight.shape[1],):
         raise ValueError(f"imatrix has shape {tuple(imatrix.shape)}, expected ({weight.shape[1]},)")
-    if resolve_backend(backend, weight.device, f not in TORCH_ONLY_QUANT_FORMATS) == "triton":
-        from dq.kernels._triton_quant import quant_error_triton
+    if resolve_backend(backend, weight.device, True) == "triton":
+        if f in (QuantFormat.IQ4_NL, QuantFormat.IQ4_XS):
+            from dq.kernels._triton_iq4 import quant_error_iq4_triton as quant_error_triton
+        else:
+            from dq.kernels._triton_quant import quant_error_triton
 
         return quant_error_triton(weight, f, imatrix, imatrix_quantizer=imatrix_quantizer,
                                   return_dequantized=return_dequantized)
@@ -167,9 +169,6 @@ def dequantize(
         return dequantize_triton(data.contiguous().reshape(-1), f, n, dtype).reshape(shape_t)
     return ref_dequant.dequantize(data, f, shape, dtype)
 
-
-# Types whose quantizer is ported to torch only (it runs on the GPU as torch ops, without a Triton kernel).
-TORCH_ONLY_QUANT_FORMATS: tuple[QuantFormat, ...] = (QuantFormat.IQ4_NL, QuantFormat.IQ4_XS)
 
 # Types with a Triton dequant kernel (mirrors _triton_dequant._KIND, so listing needs no Triton import).
 TRITON_DEQUANT_FORMATS: tuple[QuantFormat, ...] = (

@@ -12,6 +12,7 @@ from dq.kernels import quant_error
 from dq.kernels.ref_iq4 import _best_index, fake_quant_iq4
 from dq.kernels.ref_quant import error_sums
 from dq.quant import QuantFormat, libggml
+from tests._require import require
 from tests.kernels.test_kernels_ref import make_weights
 
 IQ4 = (QuantFormat.IQ4_NL, QuantFormat.IQ4_XS)
@@ -54,19 +55,26 @@ def test_best_index_matches_c_binary_search_including_ties():
     assert got[2] == 1 and got[3] == 8  # ties (-115.5, -4.5) go to the upper value
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("fmt", IQ4, ids=str)
-def test_quant_error_dispatch_runs_the_port_on_the_tensor_device(fmt):
+def test_quant_error_of_both_backends_equals_libggml(fmt, backend):
+    """The torch port and the Triton kernel (compiled on a GPU, interpreted on CPUs) through
+    ``dq.kernels.quant_error``, imatrix quantizer on: the same error sums as libggml's round trip."""
+    if backend == "triton":
+        require("triton")
+        if fmt is QuantFormat.IQ4_XS and DEV == "cpu":
+            pytest.skip("IQ4_XS's kernel takes 90 s in Triton's interpreter; the GPU lane runs it compiled "
+                        "(IQ4_NL's case here runs the same search interpreted)")
     w = make_weights(5, 512, seed=5)
     im = np.random.default_rng(6).random(512).astype(np.float32) + 0.1
-    err = quant_error(torch.from_numpy(w).to(DEV), fmt, torch.from_numpy(im).to(DEV), imatrix_quantizer=True)
-    truth = error_sums(torch.from_numpy(w), torch.from_numpy(libggml.dequantize(libggml.quantize(w, fmt, im), fmt,
-                                                                                 w.shape)), torch.from_numpy(im))
+    err = quant_error(torch.from_numpy(w).to(DEV), fmt, torch.from_numpy(im).to(DEV), backend=backend,
+                      imatrix_quantizer=True, return_dequantized=True)
+    want = libggml.dequantize(libggml.quantize(w, fmt, im), fmt, w.shape)
+    np.testing.assert_array_equal(err.pop("deq").cpu().numpy(), want)
+    truth = error_sums(torch.from_numpy(w), torch.from_numpy(want), torch.from_numpy(im))
     assert err["wsse"].device.type == DEV
     for k in truth:
-        torch.testing.assert_close(err[k].cpu(), truth[k], rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="cannot run here"):
-        quant_error(torch.from_numpy(w), fmt, backend="triton")
-
+        assert torch.equal(err[k].cpu(), truth[k]), k
 
 def test_row_chunks_give_the_same_values(monkeypatch):
     """Large tensors are quantized in row chunks (memory); the chunking must not change a value."""
