@@ -2,12 +2,12 @@
 
 A Mixtral-8x7B-shaped model (real widths: hidden 4096, 8 experts of 14336, 32 heads / 8 KV heads) with
 ``--layers`` decoder layers of random weights is written to disk one layer at a time (it is never whole in
-memory), then each stage runs in its own process and its wall time and peak RSS (``ru_maxrss`` of the
-child) are reported against the checkpoint's size and its largest decoder block in float32. Settings are
+memory), then each stage runs in its own process and its wall time and peak RSS (``VmHWM`` of the
+child's address space) are reported against the checkpoint's size and its largest decoder block in float32. Settings are
 small where they do not change memory (calibration tokens, two candidate types) so the run fits in an
 hour on 2 cores.
 
-    python bench/scale.py --layers 10          # ~29 GB of BF16 weights on a 24 GiB machine
+    python bench/scale.py --layers 1 8         # 3.5 and 26 GiB of BF16 weights on a 24 GiB machine
 Prints a table, writes ``bench/results/scale.{json,md}``.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -87,54 +86,88 @@ _STAGES = {
 }
 
 
-_RSS = "import atexit, resource; atexit.register(lambda: print('DQ_PEAK_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); "
+# Peak memory of the stage's own process. VmHWM (kB) is the peak RSS of this address space (exec resets it,
+# whereas ru_maxrss keeps the forked parent's peak). RSS also counts pages of files the stage maps
+# (safetensors shards, GGUFs): the kernel can drop those under pressure, so a sampler thread records the
+# peak of the anonymous part (RssAnon), the memory the stage really holds, beside it.
+_RSS = ("import atexit, re, threading, time\n"
+        "def _kb(k): return int(re.search(k + r':\\s*(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "_peak = [0]\n"
+        "def _watch():\n"
+        "    while True: _peak[0] = max(_peak[0], _kb('RssAnon')); time.sleep(0.05)\n"
+        "threading.Thread(target=_watch, daemon=True).start()\n"
+        "import resource\n"
+        "atexit.register(lambda: print('DQ_PEAK_RSS', _kb('VmHWM'), max(_peak[0], _kb('RssAnon')), "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n")
 
 
 def run_stage(stage: str, model: Path, work: Path) -> dict:
     """One stage in a fresh process: its wall time and its own peak RSS."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", "import sys; " + _RSS + _STAGES[stage], str(model), str(work)],
+    proc = subprocess.run([sys.executable, "-c", "import sys\n" + _RSS + _STAGES[stage], str(model), str(work)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} failed:\n{proc.stderr[-3000:]}")
-    peak = int(proc.stdout.strip().splitlines()[-1].split()[-1]) * 1024
-    return {"stage": stage, "seconds": round(time.time() - t0, 1), "peak_rss_bytes": peak}
+    hwm, anon, child = (int(v) * 1024 for v in proc.stdout.strip().splitlines()[-1].split()[1:])
+    return {"stage": stage, "seconds": round(time.time() - t0, 1), "peak_rss_bytes": hwm, "peak_anon_bytes": anon,
+            "peak_child_rss_bytes": child}
+
+
+def run_size(work: Path, layers: int) -> dict:
+    """Write (once) the ``layers``-layer checkpoint, then every stage on it."""
+    from dq.models import materialize
+
+    model = work / f"mixtral-8x7b-shaped-{layers}l"
+    if not (model / "model.safetensors.index.json").is_file():
+        size = write_checkpoint(model, layers, materialize("smollm2-135m"))
+    else:
+        size = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    out = work / f"out-{layers}l"
+    out.mkdir(parents=True, exist_ok=True)
+    return {"layers": layers, "checkpoint_bytes": size, "rows": [run_stage(s, model, out) for s in _STAGES]}
+
+
+def render(doc: dict) -> str:
+    gib = 2**30
+    block = doc["block_fp32_bytes"]
+    lines = [f"This machine: {doc['machine_bytes'] / gib:.1f} GiB of RAM. Largest decoder block in float32: "
+             f"{block / gib:.2f} GiB. Each stage runs in a fresh process; `peak RSS` is its VmHWM, which counts "
+             f"mapped file pages the kernel may drop; `peak anon` is the peak of its anonymous memory (RssAnon, "
+             f"sampled every 50 ms), what the stage holds; `child` is the peak RSS of a process the stage started "
+             f"(llama.cpp's converter).", "",
+             "| checkpoint (BF16) | layers | stage | wall (s) | peak RSS (GiB) | peak anon (GiB) | anon - block (GiB) "
+             "| child peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|"]
+    for size in doc["sizes"]:
+        for r in size["rows"]:
+            lines.append(f"| {size['checkpoint_bytes'] / gib:.1f} GiB | {size['layers']} | {r['stage']} | "
+                         f"{r['seconds']} | {r['peak_rss_bytes'] / gib:.2f} | {r['peak_anon_bytes'] / gib:.2f} | "
+                         f"{(r['peak_anon_bytes'] - block) / gib:.2f} | {r['peak_child_rss_bytes'] / gib:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
+    import os
+
     from dq.cache import cache_dir
-    from dq.models import materialize
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 8],
+                    help="decoder layers of each checkpoint (several: memory and time against size)")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint and outputs (default $DQ_CACHE/bench/scale)")
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     work = args.work or cache_dir() / "bench" / "scale"
-    model = work / f"mixtral-8x7b-shaped-{args.layers}l"
-    if not (model / "model.safetensors.index.json").is_file():
-        size = write_checkpoint(model, args.layers, materialize("smollm2-135m"))
-    else:
-        size = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     block = 4 * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * HIDDEN // 4 + EXPERTS * 3 * HIDDEN * INTER + EXPERTS * HIDDEN)
-    out = work / f"out-{args.layers}l"
-    out.mkdir(parents=True, exist_ok=True)
-    mem = math.ceil(__import__("os").sysconf("SC_PHYS_PAGES") * __import__("os").sysconf("SC_PAGE_SIZE"))
-    rows = [run_stage(s, model, out) for s in _STAGES]
-    lines = [f"checkpoint {size / 2**30:.1f} GiB (BF16), {args.layers} layers; this machine {mem / 2**30:.1f} GiB; "
-             f"largest block in float32 {block / 2**30:.2f} GiB", "",
-             "| stage | wall (s) | peak RSS (GiB) | RSS - block (GiB) |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['stage']} | {r['seconds']} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-                     f"{(r['peak_rss_bytes'] - block) / 2**30:.2f} |")
-    text = "\n".join(lines)
-    print(text)
+    doc = {"machine_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "block_fp32_bytes": block,
+           "sizes": []}
     args.results.mkdir(parents=True, exist_ok=True)
-    doc = {"layers": args.layers, "checkpoint_bytes": size, "machine_bytes": mem, "block_fp32_bytes": block, "rows": rows}
-    (args.results / "scale.json").write_text(json.dumps(doc, indent=1))
-    (args.results / "scale.md").write_text(f"# Beyond RAM\n\n`python bench/scale.py --layers {args.layers}`\n\n"
-                                           f"Each stage in a fresh process; peak RSS is that process's own "
-                                           f"ru_maxrss.\n\n{text}\n")
+    cmd = "python bench/scale.py --layers " + " ".join(str(n) for n in args.layers)
+    for n in args.layers:
+        doc["sizes"].append(run_size(work, n))
+        text = render(doc)  # written after every size: a long run that stops keeps what it measured
+        print(text)
+        (args.results / "scale.json").write_text(json.dumps(doc | {"command": cmd}, indent=1))
+        (args.results / "scale.md").write_text(f"# Beyond RAM\n\n`{cmd}`\n\n{text}\n")
 
 
 if __name__ == "__main__":
