@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dq.kernels._triton_quant import _div, _fp16, _rne
+from dq.kernels._triton_math import div, fp16, rne
 from dq.kernels.ref_quant import error_sums
 from dq.quant.formats import QuantFormat
 
@@ -91,14 +91,14 @@ def _iq4_kernel(x_ptr, im_ptr, deq_ptr, scale_ptr, n_sup, n_per_row,
             mx = tl.where(bigger, xj, mx)
         flat = amax < _EPS
         smx = tl.where(flat, 1.0, mx)
-        d0 = _div(-smx, tl.full([LANES], -127.0, tl.float32))
+        d0 = div(-smx, tl.full([LANES], -127.0, tl.float32))
         d = tl.zeros([LANES], tl.float32)
         best = tl.zeros([LANES], tl.float32)
         for t in range(16):  # t = 0: 1/d0; t = 1..15: itry = t - 8 = -7..7
             if t == 0:
-                inv = _div(tl.full([LANES], 1.0, tl.float32), d0)
+                inv = div(tl.full([LANES], 1.0, tl.float32), d0)
             else:
-                inv = _div(tl.full([LANES], 1.0, tl.float32) * (t - 8 - 127), smx)
+                inv = div(tl.full([LANES], 1.0, tl.float32) * (t - 8 - 127), smx)
             sumqx = tl.zeros([LANES], tl.float32)
             sumq2 = tl.zeros([LANES], tl.float32)
             for j in range(32):
@@ -108,7 +108,7 @@ def _iq4_kernel(x_ptr, im_ptr, deq_ptr, scale_ptr, n_sup, n_per_row,
                 sumqx = sumqx + wq * xj
                 sumq2 = sumq2 + wq * q
             pos = sumq2 > 0
-            refit = tl.where(pos, _div(sumqx, tl.where(pos, sumq2, 1.0)), 0.0)
+            refit = tl.where(pos, div(sumqx, tl.where(pos, sumq2, 1.0)), 0.0)
             if t == 0:
                 d = refit
                 best = d * sumqx
@@ -123,21 +123,21 @@ def _iq4_kernel(x_ptr, im_ptr, deq_ptr, scale_ptr, n_sup, n_per_row,
         amax_scale = tl.where(bigger, ad, amax_scale)
         max_scale = tl.where(bigger, d, max_scale)
     if NSUB > 1:
-        ds = _div(-max_scale, tl.full([LANES], 32.0, tl.float32))
-        ids = tl.where(ds != 0, _div(tl.full([LANES], 1.0, tl.float32), tl.where(ds != 0, ds, 1.0)), 0.0)
+        ds = div(-max_scale, tl.full([LANES], 32.0, tl.float32))
+        ids = tl.where(ds != 0, div(tl.full([LANES], 1.0, tl.float32), tl.where(ds != 0, ds, 1.0)), 0.0)
         for ib in range(NSUB):
             s = tl.load(scale_ptr + sup * NSUB + ib)
-            lv = tl.minimum(tl.maximum(_rne(ids * s), -32.0), 31.0)
+            lv = tl.minimum(tl.maximum(rne(ids * s), -32.0), 31.0)
             dl = ds * lv
-            idl = tl.where(dl != 0, _div(tl.full([LANES], 1.0, tl.float32), tl.where(dl != 0, dl, 1.0)), 0.0)
-            stored = _fp16(ds) * lv
+            idl = tl.where(dl != 0, div(tl.full([LANES], 1.0, tl.float32), tl.where(dl != 0, dl, 1.0)), 0.0)
+            stored = fp16(ds) * lv
             for j in range(32):
                 xj = tl.load(base + ib * 32 + j)
                 tl.store(deq_ptr + sup * SB + ib * 32 + j, stored * _nearest_value(idl * xj), mask=ok)
     else:
         s = tl.load(scale_ptr + sup)
-        inv = tl.where(s != 0, _div(tl.full([LANES], 1.0, tl.float32), tl.where(s != 0, s, 1.0)), 0.0)
-        stored = _fp16(s)
+        inv = tl.where(s != 0, div(tl.full([LANES], 1.0, tl.float32), tl.where(s != 0, s, 1.0)), 0.0)
+        stored = fp16(s)
         for j in range(32):
             xj = tl.load(base + j)
             tl.store(deq_ptr + sup * 32 + j, stored * _nearest_value(inv * xj), mask=ok)

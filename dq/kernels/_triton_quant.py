@@ -20,14 +20,13 @@ This module imports Triton at import time; :mod:`dq.kernels.api` imports it only
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
+from dq.kernels._triton_math import div, fp16, rne, roundf, safe, trunc
 from dq.kernels.ref_kquant import KQUANT_IMPL_PARAMS, KQUANT_PARAMS, qkx2_steps, qp_steps, qx_steps
 from dq.quant.formats import FORMATS, QuantFormat
 
@@ -39,60 +38,6 @@ _KQ = {QuantFormat.Q2_K: 0, QuantFormat.Q3_K: 1, QuantFormat.Q4_K: 2, QuantForma
 # legacy types whose imatrix search (quantize_row_*_impl) runs in _kquant_kernel, one lane per 32-block
 _LEGACY_IMPL = {QuantFormat.Q4_0: 5, QuantFormat.Q5_0: 6, QuantFormat.Q4_1: 7, QuantFormat.Q5_1: 8}
 TRITON_QUANT_FORMATS = tuple(_LEGACY) + tuple(_KQ)
-
-
-# Compiled kernels round with single PTX instructions (cvt.rzi / cvt.rni / round); Triton's interpreter
-# (TRITON_INTERPRET=1, read by triton.jit when this module is imported) has no libdevice, so there the
-# same results are built from exact casts. Both equal ggml's rounding on every value the callers keep.
-_HW = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
-
-
-@triton.jit
-def _trunc(x):
-    # exact truncation toward zero (cvt.rzi); the interpreter has no libdevice, so it is built from casts
-    if _HW:
-        return libdevice.trunc(x)
-    x = tl.minimum(tl.maximum(x, -8388608.0), 8388608.0)
-    return x.to(tl.int32).to(tl.float32)
-
-
-@triton.jit
-def _rne(x):
-    # ggml-quants.c nearest_int: round half to even (the 1.5*2^23 trick). Every caller clamps the result
-    # to a small range, where rint (cvt.rni) and the exact-cast emulation agree with nearest_int.
-    if _HW:
-        return libdevice.rint(x)
-    x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)
-    r = x.to(tl.int32).to(tl.float32)
-    af = tl.abs(x - r)
-    odd = (r.to(tl.int32) & 1) != 0
-    up = (af > 0.5) | ((af == 0.5) & odd)
-    return tl.where(up, r + tl.where(x < 0, -1.0, 1.0), r)
-
-
-@triton.jit
-def _roundf(x):
-    # C roundf / lroundf: half away from zero
-    if _HW:
-        return libdevice.round(x)
-    x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)
-    r = x.to(tl.int32).to(tl.float32)
-    return tl.where(tl.abs(x - r) >= 0.5, r + tl.where(x < 0, -1.0, 1.0), r)
-
-
-@triton.jit
-def _fp16(x):
-    return x.to(tl.float16).to(tl.float32)
-
-
-@triton.jit
-def _div(a, b):
-    return tl.math.div_rn(a, b)
-
-
-@triton.jit
-def _safe(d):
-    return tl.where(d != 0, d, 1.0)
 
 
 @triton.jit
@@ -119,35 +64,35 @@ def _store_row(out_ptr, pid_r, a0, a1, a2, a3):
 def _legacy_tile(x, j, KIND: tl.constexpr, QK: tl.constexpr, BLOCKS: tl.constexpr):
     """Dequantized [BLOCKS, QK] tile of ``x`` after the type's reference quantizer."""
     if KIND == 0:  # quantize_row_q8_0_ref
-        d = _div(tl.max(tl.abs(x), axis=1), tl.full([BLOCKS], 127.0, tl.float32))
-        idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
-        deq = _roundf(x * idv[:, None]) * _fp16(d)[:, None]
+        d = div(tl.max(tl.abs(x), axis=1), tl.full([BLOCKS], 127.0, tl.float32))
+        idv = tl.where(d != 0, div(tl.full([BLOCKS], 1.0, tl.float32), safe(d)), 0.0)
+        deq = roundf(x * idv[:, None]) * fp16(d)[:, None]
     elif KIND == 1 or KIND == 2:  # quantize_row_q4_0_ref / q5_0_ref: signed max of the first largest |x|
         half: tl.constexpr = 8 if KIND == 1 else 16
         ax = tl.abs(x)
         amax = tl.max(ax, axis=1)
         first = tl.min(tl.where(ax == amax[:, None], j[None, :], QK), axis=1)
         mx = tl.sum(tl.where(j[None, :] == first[:, None], x, 0.0), axis=1)
-        d = _div(mx, tl.full([BLOCKS], -half, tl.float32))
-        idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
-        q = tl.minimum(_trunc(x * idv[:, None] + (half + 0.5)), 2 * half - 1)
-        deq = (q - half) * _fp16(d)[:, None]
+        d = div(mx, tl.full([BLOCKS], -half, tl.float32))
+        idv = tl.where(d != 0, div(tl.full([BLOCKS], 1.0, tl.float32), safe(d)), 0.0)
+        q = tl.minimum(trunc(x * idv[:, None] + (half + 0.5)), 2 * half - 1)
+        deq = (q - half) * fp16(d)[:, None]
     elif KIND == 3 or KIND == 4:  # quantize_row_q4_1_ref / q5_1_ref
         mn = tl.min(x, axis=1)
         mx = tl.max(x, axis=1)
         nl: tl.constexpr = 15 if KIND == 3 else 31
-        d = _div(mx - mn, tl.full([BLOCKS], nl, tl.float32))
-        idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
-        q = _trunc((x - mn[:, None]) * idv[:, None] + 0.5)
+        d = div(mx - mn, tl.full([BLOCKS], nl, tl.float32))
+        idv = tl.where(d != 0, div(tl.full([BLOCKS], 1.0, tl.float32), safe(d)), 0.0)
+        q = trunc((x - mn[:, None]) * idv[:, None] + 0.5)
         if KIND == 3:
             q = tl.minimum(q, 15.0)
         else:
             q = (q.to(tl.int32) & 31).to(tl.float32)  # 5 bits of an uint8 are stored
-        deq = q * _fp16(d)[:, None] + _fp16(mn)[:, None]
+        deq = q * fp16(d)[:, None] + fp16(mn)[:, None]
     else:  # quantize_row_tq1_0_ref / tq2_0_ref: lroundf(x*id) in {-1, 0, 1}
         d = tl.max(tl.abs(x), axis=1)
-        idv = tl.where(d != 0, _div(tl.full([BLOCKS], 1.0, tl.float32), _safe(d)), 0.0)
-        deq = _roundf(x * idv[:, None]) * _fp16(d)[:, None]
+        idv = tl.where(d != 0, div(tl.full([BLOCKS], 1.0, tl.float32), safe(d)), 0.0)
+        deq = roundf(x * idv[:, None]) * fp16(d)[:, None]
     return deq
 
 
@@ -213,44 +158,44 @@ def _qkx2(xb, st, valid, steps_ptr, av, qb, SB: tl.constexpr, NMAX: tl.constexpr
         sum_x += wi * xi
     mn = tl.where(mn > 0, 0.0, mn)
     flat = mx == mn
-    iscale = _div(tl.zeros_like(mx) + NMAX, tl.where(flat, 1.0, mx - mn))
-    scale = _div(tl.zeros_like(mx) + 1.0, iscale)
+    iscale = div(tl.zeros_like(mx) + NMAX, tl.where(flat, 1.0, mx - mn))
+    scale = div(tl.zeros_like(mx) + 1.0, iscale)
     best = tl.zeros_like(mx)
     l_is = iscale
     l_mn = mn
     for i in range(SB):
         xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
         wi = _wt(xi, qb, i, st, valid, av, WABS, IMW)
-        lv = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
+        lv = tl.minimum(tl.maximum(rne(iscale * (xi - mn)), 0.0), NMAX)
         diff = (scale * lv + mn) - xi
         diff = tl.abs(diff) if MAD else diff * diff
         best += wi * diff
     for s in range(NSTEP + 1):
         # `min` is overwritten when a step wins, so later steps search from it
-        iscale = _div(tl.zeros_like(mx) + tl.load(steps_ptr + s), tl.where(flat, 1.0, mx - mn))
+        iscale = div(tl.zeros_like(mx) + tl.load(steps_ptr + s), tl.where(flat, 1.0, mx - mn))
         sum_l = tl.zeros_like(mx)
         sum_l2 = tl.zeros_like(mx)
         sum_xl = tl.zeros_like(mx)
         for i in range(SB):
             xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
             wi = _wt(xi, qb, i, st, valid, av, WABS, IMW)
-            la = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
+            la = tl.minimum(tl.maximum(rne(iscale * (xi - mn)), 0.0), NMAX)
             wl = wi * la
             sum_l += wl
             sum_l2 += wl * la
             sum_xl += wl * xi
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
-        this_scale = _div(sum_w * sum_xl - sum_x * sum_l, _safe(D))
-        this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, _safe(D))
+        this_scale = div(sum_w * sum_xl - sum_x * sum_l, safe(D))
+        this_min = div(sum_l2 * sum_x - sum_l * sum_xl, safe(D))
         pos = this_min > 0
         this_min = tl.where(pos, 0.0, this_min)
-        this_scale = tl.where(pos, _div(sum_xl, _safe(sum_l2)), this_scale)
+        this_scale = tl.where(pos, div(sum_xl, safe(sum_l2)), this_scale)
         cur = tl.zeros_like(mx)
         for i in range(SB):
             xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
             wi = _wt(xi, qb, i, st, valid, av, WABS, IMW)
-            la = tl.minimum(tl.maximum(_rne(iscale * (xi - mn)), 0.0), NMAX)
+            la = tl.minimum(tl.maximum(rne(iscale * (xi - mn)), 0.0), NMAX)
             diff = (this_scale * la + this_min) - xi
             diff = tl.abs(diff) if MAD else diff * diff
             cur += wi * diff
@@ -321,30 +266,30 @@ def _qx_rmse1(xb, st, valid, steps_ptr, qb, av, SB: tl.constexpr, NMAX: tl.const
     mx, amax = _first_absmax_seq(xb, st, valid, SB)
     zero = amax < 1e-15
     mxs = tl.where(zero, 1.0, mx)
-    iscale = _div(tl.zeros_like(mx) - NMAX, mxs)
+    iscale = div(tl.zeros_like(mx) - NMAX, mxs)
     sumlx = tl.zeros_like(mx)
     suml2 = tl.zeros_like(mx)
     for i in range(SB):
         xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
-        lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
+        lv = tl.minimum(tl.maximum(rne(iscale * xi), -NMAX), NMAX - 1)
         w = _qxw(xi, qb, i, st, valid, av, WM)
         sumlx += (w * xi) * lv
         suml2 += (w * lv) * lv
-    scale = tl.where(suml2 != 0, _div(sumlx, _safe(suml2)), 0.0)
+    scale = tl.where(suml2 != 0, div(sumlx, safe(suml2)), 0.0)
     best = scale * sumlx
     best_is = iscale
     for s in range(18):
-        iscale = _div(tl.zeros_like(mx) + tl.load(steps_ptr + s), mxs)
+        iscale = div(tl.zeros_like(mx) + tl.load(steps_ptr + s), mxs)
         slx = tl.zeros_like(mx)
         sl2 = tl.zeros_like(mx)
         for i in range(SB):
             xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
-            lv = tl.minimum(tl.maximum(_rne(iscale * xi), -NMAX), NMAX - 1)
+            lv = tl.minimum(tl.maximum(rne(iscale * xi), -NMAX), NMAX - 1)
             w = _qxw(xi, qb, i, st, valid, av, WM)
             slx += (w * xi) * lv
             sl2 += (w * lv) * lv
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        scale = tl.where(better, _div(slx, _safe(sl2)), scale)
+        scale = tl.where(better, div(slx, safe(sl2)), scale)
         best = tl.where(better, scale * slx, best)
         best_is = tl.where(better, iscale, best_is)
     return tl.where(zero, 0.0, scale), best_is
@@ -355,13 +300,13 @@ def _q3(xb, st, valid, SB: tl.constexpr):
     """make_q3_quants(16, 4, x, L, true); the 16 L's live as 4-bit fields of one int64 per lane."""
     mx, amax = _first_absmax_seq(xb, st, valid, SB)
     zero = amax < 1e-15
-    iscale = _div(tl.zeros_like(mx) - 4.0, tl.where(zero, 1.0, mx))
+    iscale = div(tl.zeros_like(mx) - 4.0, tl.where(zero, 1.0, mx))
     packed = tl.zeros(mx.shape, tl.int64)
     sumlx = tl.zeros_like(mx)
     suml2 = tl.zeros_like(mx)
     for i in range(SB):
         xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
-        lv = tl.minimum(tl.maximum(_rne(iscale * xi), -4.0), 3.0)
+        lv = tl.minimum(tl.maximum(rne(iscale * xi), -4.0), 3.0)
         packed = packed | ((lv + 8.0).to(tl.int64) << (i * 4))
         w = xi * xi
         sumlx += (w * xi) * lv
@@ -375,7 +320,7 @@ def _q3(xb, st, valid, SB: tl.constexpr):
             w = xi * xi
             slx = sumlx - (w * xi) * li
             sl2 = suml2 - (w * li) * li
-            new_l = tl.minimum(tl.maximum(_rne(_div(xi * sl2, tl.where(slx > 0, slx, 1.0))), -4.0), 3.0)
+            new_l = tl.minimum(tl.maximum(rne(div(xi * sl2, tl.where(slx > 0, slx, 1.0))), -4.0), 3.0)
             slx2 = slx + (w * xi) * new_l
             sl22 = sl2 + (w * new_l) * new_l
             take = active & (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
@@ -386,7 +331,7 @@ def _q3(xb, st, valid, SB: tl.constexpr):
             suml2 = tl.where(take, sl22, suml2)
             changed = changed | take
         active = active & changed
-    scale = tl.where(suml2 > 0, _div(sumlx, _safe(suml2)), 0.0)
+    scale = tl.where(suml2 > 0, div(sumlx, safe(suml2)), 0.0)
     return tl.where(zero, 0.0, scale)
 
 
@@ -405,17 +350,17 @@ def _qp(x2, w2, qp_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
     mx = tl.maximum(tl.max(x2, axis=1), 0.0)
     zero = mx < 1e-15
     mxs = tl.where(zero, 1.0, mx)
-    iscale = _div(tl.zeros_like(mxs) + NMAX, mxs)
-    scale = _div(tl.zeros_like(mxs) + 1.0, iscale)
-    diff = x2 - scale[:, None] * (_rne(iscale[:, None] * x2).to(tl.int32) & 255).to(tl.float32)
+    iscale = div(tl.zeros_like(mxs) + NMAX, mxs)
+    scale = div(tl.zeros_like(mxs) + 1.0, iscale)
+    diff = x2 - scale[:, None] * (rne(iscale[:, None] * x2).to(tl.int32) & 255).to(tl.float32)
     e = (w2 * diff) * diff
     best = _col(e, jj, 0)
     for i in range(1, NSUB):
         best += _col(e, jj, i)
     for s in range(8):
-        isc = _div(tl.zeros_like(mxs) + tl.load(qp_ptr + s), mxs)
-        sci = _div(tl.zeros_like(mxs) + 1.0, isc)
-        diff = x2 - sci[:, None] * tl.minimum(_rne(isc[:, None] * x2), NMAX)
+        isc = div(tl.zeros_like(mxs) + tl.load(qp_ptr + s), mxs)
+        sci = div(tl.zeros_like(mxs) + 1.0, isc)
+        diff = x2 - sci[:, None] * tl.minimum(rne(isc[:, None] * x2), NMAX)
         e = (w2 * diff) * diff
         mse = _col(e, jj, 0)
         for i in range(1, NSUB):
@@ -423,7 +368,7 @@ def _qp(x2, w2, qp_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
         better = mse < best
         best = tl.where(better, mse, best)
         iscale = tl.where(better, isc, iscale)
-    lint = tl.minimum(_rne(iscale[:, None] * x2), NMAX)
+    lint = tl.minimum(rne(iscale[:, None] * x2), NMAX)
     wx = w2 * x2
     t1 = wx * lint
     t2 = (w2 * lint) * lint
@@ -444,7 +389,7 @@ def _qp(x2, w2, qp_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
             slx = sumlx - wxi * li
             sl2 = suml2 - (wi * li) * li
             ok = (slx > 0) & (sl2 > 0)
-            new_l = tl.minimum(_rne(_div(xi * sl2, tl.where(ok, slx, 1.0))), NMAX)
+            new_l = tl.minimum(rne(div(xi * sl2, tl.where(ok, slx, 1.0))), NMAX)
             slx2 = slx + wxi * new_l
             sl22 = sl2 + (wi * new_l) * new_l
             take = active & ok & (new_l != li) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
@@ -454,14 +399,14 @@ def _qp(x2, w2, qp_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
             suml2 = tl.where(take, sl22, suml2)
             changed = changed | take
         active = active & changed
-    scale = tl.where(suml2 > 0, _div(sumlx, tl.where(suml2 > 0, suml2, 1.0)), 0.0)
+    scale = tl.where(suml2 > 0, div(sumlx, tl.where(suml2 > 0, suml2, 1.0)), 0.0)
     return tl.where(zero, 0.0, scale), tl.where(zero[:, None], 0.0, lv)
 
 
 @triton.jit
 def _qx_col_sums(x2, w2, wx, isc, jj, NSUB: tl.constexpr, NMAX: tl.constexpr):
     # make_qx_quants' in-order sums of w*x*l and w*l*l for one iscale, per row of an [R, NSUB] tile
-    lv = tl.minimum(tl.maximum(_rne(isc[:, None] * x2), -NMAX), NMAX - 1)
+    lv = tl.minimum(tl.maximum(rne(isc[:, None] * x2), -NMAX), NMAX - 1)
     t1 = wx * lv
     t2 = (w2 * lv) * lv
     slx = _col(t1, jj, 0)
@@ -481,19 +426,19 @@ def _qx_cols(x2, w2, steps_ptr, NSUB: tl.constexpr, NMAX: tl.constexpr):
     zero = amax < 1e-15
     mxs = tl.where(zero, 1.0, mx)
     wx = w2 * x2
-    iscale = _div(tl.zeros_like(mxs) - NMAX, mxs)
+    iscale = div(tl.zeros_like(mxs) - NMAX, mxs)
     sumlx, suml2 = _qx_col_sums(x2, w2, wx, iscale, jj, NSUB, NMAX)
-    scale = tl.where(suml2 != 0, _div(sumlx, _safe(suml2)), 0.0)
+    scale = tl.where(suml2 != 0, div(sumlx, safe(suml2)), 0.0)
     best = scale * sumlx
     best_is = iscale
     for s in range(18):
-        isc = _div(tl.zeros_like(mxs) + tl.load(steps_ptr + s), mxs)
+        isc = div(tl.zeros_like(mxs) + tl.load(steps_ptr + s), mxs)
         slx, sl2 = _qx_col_sums(x2, w2, wx, isc, jj, NSUB, NMAX)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        scale = tl.where(better, _div(slx, _safe(sl2)), scale)
+        scale = tl.where(better, div(slx, safe(sl2)), scale)
         best = tl.where(better, scale * slx, best)
         best_is = tl.where(better, isc, best_is)
-    lv = tl.minimum(tl.maximum(_rne(best_is[:, None] * x2), -NMAX), NMAX - 1)
+    lv = tl.minimum(tl.maximum(rne(best_is[:, None] * x2), -NMAX), NMAX - 1)
     return tl.where(zero, 0.0, scale), tl.where(zero[:, None], -NMAX + 0.0 * x2, lv)
 
 
@@ -540,7 +485,7 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
         wb = wt_ptr + pid_r.to(tl.int64) * n_per_row + sb_i
         zero2 = tl.zeros([NSUPER, NSUB], tl.float32)
         if KIND >= 5:  # quantize_row_q{4,5}_{0,1}_impl
-            sigma2 = _div(tl.zeros([S], tl.float32) + tl.load(rs_ptr + pid_r), tl.zeros([S], tl.float32) + n_f)
+            sigma2 = div(tl.zeros([S], tl.float32) + tl.load(rs_ptr + pid_r), tl.zeros([S], tl.float32) + n_f)
             _store_weights(xb, qb, wb, st, valid, sigma2, SB)
             if KIND <= 6:  # Q4_0 / Q5_0: make_qx_quants(32, nmax, x, L, 1, w)
                 lsc, lis = _qx_rmse1(xb, st, valid, steps_ptr, wb, 0.0, SB, 8 if KIND == 5 else 16, 1)
@@ -551,7 +496,7 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             else:  # Q4_1 / Q5_1: make_qkx3_quants(32, nmax, x, w, ..., -0.9f, 0.05f, 36, false)
                 lsc, tmin, _sw, lis, lmn = _qkx2(xb, st, valid, steps_ptr, 0.0, wb, SB, 15 if KIND == 7 else 31, 36,
                                                 False, False, True)
-                lm16 = _fp16(-tmin)
+                lm16 = fp16(-tmin)
                 NMIN: tl.constexpr = 0
                 NTOP: tl.constexpr = 15 if KIND == 7 else 31
             d2 = zero2
@@ -561,9 +506,9 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             if IMPL:  # Q2_K / Q4_K / Q5_K _impl: weights qw*sqrt(sigma2 + x^2), sigma2 = (2*)mean(x^2) per 256
                 sum_x2 = _sb_sumsq(row_ptr, sb_i, st, valid, SB, NSUB)
                 if KIND == 0:
-                    sigma2 = _div(sum_x2, tl.zeros_like(sum_x2) + 256.0)
+                    sigma2 = div(sum_x2, tl.zeros_like(sum_x2) + 256.0)
                 else:
-                    sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
+                    sigma2 = div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
                 _store_weights(xb, qb, wb, st, valid, sigma2, SB)
                 sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, sigma2, wb, SB, QMAX, 36, False, False, True)
             elif KIND == 0:  # Q2_K: weights |x|, mean absolute deviation
@@ -573,7 +518,7 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
                 for i in range(SB):
                     xi = tl.load(xb + i * st, mask=valid, other=0.0).to(tl.float32)
                     sum_x2 += xi * xi
-                av = tl.math.sqrt_rn(_div(sum_x2, tl.zeros_like(sum_x2) + 32.0))
+                av = tl.math.sqrt_rn(div(sum_x2, tl.zeros_like(sum_x2) + 32.0))
                 QSTEP: tl.constexpr = 20 if KIND == 2 else 15
                 sc, mn, sw, _lis, _lmn = _qkx2(xb, st, valid, steps_ptr, av, qb, SB, QMAX, QSTEP, False, False, False)
             sc2 = tl.reshape(sc, [NSUPER, NSUB])
@@ -585,49 +530,49 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
                 d_blk, ls = _qp(sc2, sw2, qp_ptr + 8, NSUB, 15)
                 m_blk, lm = _qp(mn2, sw2, qp_ptr + 8, NSUB, 15)
                 packed = (ls.to(tl.int32) | (lm.to(tl.int32) << 4)) & 255  # scales[j] = Ls[j] | (Lm[j] << 4)
-                d2 = _fp16(d_blk)[:, None] * (packed & 15).to(tl.float32)
-                dm2 = _fp16(m_blk)[:, None] * (packed >> 4).to(tl.float32)
+                d2 = fp16(d_blk)[:, None] * (packed & 15).to(tl.float32)
+                dm2 = fp16(m_blk)[:, None] * (packed >> 4).to(tl.float32)
                 NMIN: tl.constexpr = 0
                 NTOP: tl.constexpr = 3
             elif IMPL:  # make_qp_quants for the 6-bit scales and mins, weighted by sum(w)
                 sw2 = tl.reshape(sw, [NSUPER, NSUB])
                 d_blk, ls = _qp(sc2, sw2, qp_ptr, NSUB, 63)
                 m_blk, lm = _qp(mn2, sw2, qp_ptr, NSUB, 63)
-                d2 = _fp16(d_blk)[:, None] * tl.minimum(ls, 63.0)
-                dm2 = _fp16(m_blk)[:, None] * tl.minimum(lm, 63.0)
+                d2 = fp16(d_blk)[:, None] * tl.minimum(ls, 63.0)
+                dm2 = fp16(m_blk)[:, None] * tl.minimum(lm, 63.0)
                 NMIN: tl.constexpr = 0
                 NTOP: tl.constexpr = QMAX
             elif KIND == 0:
                 has_s = max_scale > 0
                 has_m = max_min > 0
-                ls = _rne(_div(tl.zeros_like(max_scale) + 15.0, _safe(max_scale))[:, None] * sc2)
-                lm = _rne(_div(tl.zeros_like(max_min) + 15.0, _safe(max_min))[:, None] * mn2)
+                ls = rne(div(tl.zeros_like(max_scale) + 15.0, safe(max_scale))[:, None] * sc2)
+                lm = rne(div(tl.zeros_like(max_min) + 15.0, safe(max_min))[:, None] * mn2)
                 ls = tl.where(has_s[:, None], ls, zero2).to(tl.int32) & 255
                 lm = tl.where(has_m[:, None], lm, zero2).to(tl.int32)
                 packed = (ls | (lm << 4)) & 255  # y[i].scales[j] = l; |= (l << 4)
-                d16 = tl.where(has_s, _fp16(_div(max_scale, tl.zeros_like(max_scale) + 15.0)), 0.0)
-                m16 = tl.where(has_m, _fp16(_div(max_min, tl.zeros_like(max_min) + 15.0)), 0.0)
+                d16 = tl.where(has_s, fp16(div(max_scale, tl.zeros_like(max_scale) + 15.0)), 0.0)
+                m16 = tl.where(has_m, fp16(div(max_min, tl.zeros_like(max_min) + 15.0)), 0.0)
                 d2 = d16[:, None] * (packed & 15).to(tl.float32)
                 dm2 = m16[:, None] * (packed >> 4).to(tl.float32)
                 NMIN: tl.constexpr = 0
                 NTOP: tl.constexpr = 3
             else:
-                inv_s = tl.where(max_scale > 0, _div(tl.zeros_like(max_scale) + 63.0, _safe(max_scale)), 0.0)
-                inv_m = tl.where(max_min > 0, _div(tl.zeros_like(max_min) + 63.0, _safe(max_min)), 0.0)
-                ls = tl.minimum((_rne(inv_s[:, None] * sc2).to(tl.int32) & 255).to(tl.float32), 63.0)
-                lm = tl.minimum((_rne(inv_m[:, None] * mn2).to(tl.int32) & 255).to(tl.float32), 63.0)
-                d2 = _fp16(_div(max_scale, tl.zeros_like(max_scale) + 63.0))[:, None] * ls
-                dm2 = _fp16(_div(max_min, tl.zeros_like(max_min) + 63.0))[:, None] * lm
+                inv_s = tl.where(max_scale > 0, div(tl.zeros_like(max_scale) + 63.0, safe(max_scale)), 0.0)
+                inv_m = tl.where(max_min > 0, div(tl.zeros_like(max_min) + 63.0, safe(max_min)), 0.0)
+                ls = tl.minimum((rne(inv_s[:, None] * sc2).to(tl.int32) & 255).to(tl.float32), 63.0)
+                lm = tl.minimum((rne(inv_m[:, None] * mn2).to(tl.int32) & 255).to(tl.float32), 63.0)
+                d2 = fp16(div(max_scale, tl.zeros_like(max_scale) + 63.0))[:, None] * ls
+                dm2 = fp16(div(max_min, tl.zeros_like(max_min) + 63.0))[:, None] * lm
                 NMIN: tl.constexpr = 0
                 NTOP: tl.constexpr = QMAX
         elif KIND == 1 and IMPL:  # Q3_K _impl: weighted make_qx_quants per 16, then make_qx_quants on the scales
             sum_x2 = _sb_sumsq(row_ptr, sb_i, st, valid, SB, NSUB)
-            sigma2 = _div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
+            sigma2 = div(2.0 * sum_x2, tl.zeros_like(sum_x2) + 256.0)
             sw = _store_weights(xb, qb, wb, st, valid, sigma2, SB)
             sc_q3, _bis = _qx_rmse1(xb, st, valid, steps_ptr, wb, sigma2, SB, 4, 1)
             sc2 = tl.reshape(sc_q3, [NSUPER, NSUB])
             d_blk, lq = _qx_cols(sc2, tl.reshape(sw, [NSUPER, NSUB]), qp_ptr + 16, NSUB, 32)
-            d2 = _fp16(d_blk)[:, None] * lq  # the 6-bit field holds l + 32 and decodes to l
+            d2 = fp16(d_blk)[:, None] * lq  # the 6-bit field holds l + 32 and decodes to l
             dm2 = zero2
             NMIN: tl.constexpr = -4
             NTOP: tl.constexpr = 3
@@ -635,10 +580,10 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             sc2 = tl.reshape(_q3(xb, st, valid, SB), [NSUPER, NSUB])
             max_scale, _amax = _first_absmax_2d(sc2, NSUB)
             has = max_scale != 0
-            iscale = _div(tl.zeros_like(max_scale) - 32.0, _safe(max_scale))
-            lq = tl.minimum(tl.maximum(_rne(iscale[:, None] * sc2), -32.0), 31.0)
+            iscale = div(tl.zeros_like(max_scale) - 32.0, safe(max_scale))
+            lq = tl.minimum(tl.maximum(rne(iscale[:, None] * sc2), -32.0), 31.0)
             lq = tl.where(has[:, None], lq, zero2 - 32.0)
-            d16 = tl.where(has, _fp16(_div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
+            d16 = tl.where(has, fp16(div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
             d2 = d16[:, None] * lq
             dm2 = zero2
             NMIN: tl.constexpr = -4
@@ -648,9 +593,9 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             sc2 = tl.reshape(sc_q6, [NSUPER, NSUB])
             max_scale, amax = _first_absmax_2d(sc2, NSUB)
             has = amax >= 1e-15
-            iscale = _div(tl.zeros_like(max_scale) - 128.0, tl.where(has, max_scale, 1.0))
-            lq = tl.minimum(_rne(iscale[:, None] * sc2), 127.0)
-            d16 = tl.where(has, _fp16(_div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
+            iscale = div(tl.zeros_like(max_scale) - 128.0, tl.where(has, max_scale, 1.0))
+            lq = tl.minimum(rne(iscale[:, None] * sc2), 127.0)
+            d16 = tl.where(has, fp16(div(tl.zeros_like(iscale) + 1.0, iscale)), 0.0)
             d2 = d16[:, None] * tl.where(has[:, None], lq, zero2)
             dm2 = zero2
             NMIN: tl.constexpr = -32
@@ -667,12 +612,12 @@ def _kquant_kernel(x_ptr, im_ptr, imt_ptr, wt_ptr, out_ptr, deq_ptr, steps_ptr, 
             im = tl.full([S, SB], 1.0, tl.float32)
         if KIND >= 5:  # the search's levels, x0*d (+ m)
             if KIND <= 6:
-                lv = tl.minimum(tl.maximum(_rne(lis[:, None] * x), NMIN), NTOP)
+                lv = tl.minimum(tl.maximum(rne(lis[:, None] * x), NMIN), NTOP)
             else:
-                lv = tl.minimum(tl.maximum(_rne(lis[:, None] * (x - lmn[:, None])), NMIN), NTOP)
-            deq = lv * _fp16(lsc)[:, None] + lm16[:, None]
+                lv = tl.minimum(tl.maximum(rne(lis[:, None] * (x - lmn[:, None])), NMIN), NTOP)
+            deq = lv * fp16(lsc)[:, None] + lm16[:, None]
         else:
-            lv = tl.minimum(tl.maximum(_rne(_div(x + dm[:, None], _safe(d)[:, None])), NMIN), NTOP)
+            lv = tl.minimum(tl.maximum(rne(div(x + dm[:, None], safe(d)[:, None])), NMIN), NTOP)
             deq = d[:, None] * lv - dm[:, None]
         if WRITE:  # Q(W) in the original layout, for the activation error
             tl.store(deq_ptr + pid_r.to(tl.int64) * n_per_row + sb_i[:, None] * SB + j[None, :], deq, mask=v2)
