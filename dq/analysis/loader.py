@@ -5,7 +5,10 @@ rotary frequencies stay real), so any causal LM or image-text-to-text model tran
 unchanged. Checkpoint keys are mapped to module parameters with transformers' own checkpoint
 conversion rules (renamings and fused-expert merges, ``transformers.conversion_mapping``), computed
 once; :meth:`ModelSkeleton.load` then materialises just the parameters under one module prefix, and
-:meth:`ModelSkeleton.free` sends them back to ``meta``. Peak memory is one module's weights.
+:meth:`ModelSkeleton.free` sends them back to ``meta``. Peak memory is one module's float32 weights plus
+one checkpoint-dtype piece: parameters are built one at a time, merged expert tensors expert by expert and
+plain ones in row chunks, straight into their float32 storage (transformers' converter, used for any other
+form, would hold every expert twice in the checkpoint dtype first).
 
 Checkpoint tensors are read with ``pread`` (:class:`_SafetensorsFile`), not through a memory map: pages
 of a mapped file stay in the process's resident set until it is unmapped, so a long-lived ``safe_open``
@@ -229,6 +232,8 @@ class ModelSkeleton:
     _targets: dict[str, list[str]] = field(default_factory=dict)  # param prefix -> checkpoint keys
     _key_file: dict[str, Path] = field(default_factory=dict)
     _handles: dict[Path, _SafetensorsFile] = field(default_factory=dict)
+    _converter: dict[str, Any] = field(default_factory=dict)  # param -> transformers WeightConverter building it
+    _key_pattern: dict[str, str] = field(default_factory=dict)  # checkpoint key -> converter source pattern
     device: str = "cpu"
     fp8_block: tuple[int, ...] | None = None  # FP8 checkpoints: the weight_scale_inv block shape
 
@@ -266,23 +271,28 @@ class ModelSkeleton:
             converters = [m for m in mapping if isinstance(m, WeightConverter)]
             self._weight_mapping = mapping
 
-            def target(k: str) -> str:
-                t, _ = rename_source_key(k, renamings, converters, self.model.base_model_prefix, meta_sd)
+            def target(k: str) -> tuple[str, str | None]:
+                t, pattern = rename_source_key(k, renamings, converters, self.model.base_model_prefix, meta_sd)
                 if t not in meta_sd and k in meta_sd:
-                    return k
-                return t
+                    return k, None
+                return t, pattern
         except ImportError:  # pragma: no cover - older transformers
-            self._weight_mapping = None
+            self._weight_mapping, converters = None, []
 
-            def target(k: str) -> str:
-                return k
+            def target(k: str) -> tuple[str, str | None]:
+                return k, None
         targets: dict[str, list[str]] = defaultdict(list)
         for k in self._key_file:
-            t = target(k)
+            t, pattern = target(k)
             if t not in meta_sd:
                 log.debug("checkpoint tensor %s (-> %s) has no parameter in the model; ignored", k, t)
                 continue
             targets[t].append(k)
+            if pattern is not None:
+                conv = next((c for c in converters if pattern in c.source_patterns), None)
+                if conv is not None:
+                    self._key_pattern[k] = pattern
+                    self._converter[t] = conv
         self._targets = dict(targets)
 
     # -- module paths ---------------------------------------------------------------------------------
@@ -336,27 +346,15 @@ class ModelSkeleton:
         Raises:
             AnalysisError: the checkpoint lacks a parameter the model needs.
         """
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-
         names = self._params_under(prefixes, exclude)
         wanted = [n for n in names if self.module_param(n).is_meta]
-        sd: dict[str, Any] = {}
         missing = []
         for n in wanted:
             keys = self._targets.get(n)
             if not keys:
                 missing.append(n)
-                continue
-            for k in keys:
-                sd[k] = self._read_checkpoint_tensor(k)
-        if sd:
-            cfg = LoadStateDictConfig(
-                pretrained_model_name_or_path=str(self.model_dir), weight_mapping=self._weight_mapping,
-                dtype=torch.float32, device_map={"": self.device},
-            )
-            convert_and_load_state_dict_in_model(self.model, sd, cfg)
-            sd.clear()  # the checkpoint-dtype copies; the model now holds float32 ones
+            elif not self._fill_in_place(n, keys):
+                self._load_with_transformers(keys)
         if missing:
             tied = self._tie(missing)
             missing = [m for m in missing if m not in tied]
@@ -372,6 +370,97 @@ class ModelSkeleton:
                 self._set_param(n, p.detach().float())
         self._load_buffers(prefixes, exclude)
         return names
+
+    # Parameters are loaded one at a time, so what exists besides the block's float32 parameters is one
+    # parameter's transient at most; the large ones (merged experts, whole linears) are filled in place,
+    # one checkpoint tensor or row chunk at a time, so their transient is one expert's tensor.
+    _FILL_CHUNK_BYTES = 64 << 20
+
+    def _fill_in_place(self, name: str, keys: list[str]) -> bool:
+        """Build parameter ``name`` in a preallocated float32 tensor on ``device``, piece by piece; False if
+        its checkpoint form is not one this knows (then transformers' converter builds it).
+
+        Two forms: a plain copy of one tensor (read in row chunks), and transformers' merge of per-expert
+        tensors (``MergeModulelist(dim=0)``, optionally followed by ``Concatenate(dim=d)`` of gate and up),
+        where expert ``e`` of source pattern ``j`` goes to ``out[e]``'s ``j``-th slice along ``d - 1``, in
+        the order transformers stacks them (``dot_natural_key``).
+        """
+        meta = self.module_param(name)
+        if not meta.is_floating_point():
+            return False
+        conv = self._converter.get(name)
+        if conv is None:
+            if len(keys) != 1 or self._is_fp8(keys[0]):
+                return False
+            f = self._handles[self._key_file[keys[0]]]
+            if f.shape(keys[0]) != tuple(meta.shape) or not meta.shape:
+                return False
+            out = torch.empty(meta.shape, dtype=torch.float32, device=self.device)
+            row_bytes = max(1, out[0].numel() * 4)
+            chunk = max(1, self._FILL_CHUNK_BYTES // row_bytes)
+            for r0 in range(0, out.shape[0], chunk):
+                out[r0:r0 + chunk].copy_(f.read(keys[0], r0, r0 + chunk))
+            self._set_param(name, out)
+            return True
+        return self._fill_merged(name, keys, conv)
+
+    def _fill_merged(self, name: str, keys: list[str], conv) -> bool:
+        from transformers.core_model_loading import Concatenate, MergeModulelist, dot_natural_key
+
+        ops = list(conv.operations)
+        if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0:
+            return False
+        cat_dim = None
+        if len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1:
+            cat_dim = ops[1].dim - 1
+        elif len(ops) != 1:
+            return False
+        groups = [sorted((k for k in keys if self._key_pattern.get(k) == pat), key=dot_natural_key)
+                  for pat in conv.source_patterns]
+        groups = [g for g in groups if g]
+        if sum(map(len, groups)) != len(keys) or (cat_dim is None and len(groups) != 1):
+            return False
+        meta = self.module_param(name)
+        n_exp = len(groups[0])
+        shapes = [self._handles[self._key_file[g[0]]].shape(g[0]) for g in groups]
+        if any(len(g) != n_exp for g in groups) or meta.shape[0] != n_exp:
+            return False
+        if cat_dim is None:
+            expect = (n_exp, *shapes[0])
+        else:
+            width = sum(s[cat_dim] for s in shapes)
+            expect = (n_exp, *shapes[0][:cat_dim], width, *shapes[0][cat_dim + 1:])
+        if tuple(meta.shape) != expect:
+            return False
+        out = torch.empty(meta.shape, dtype=torch.float32, device=self.device)
+        offset = 0
+        for group, shape in zip(groups, shapes):
+            for e, key in enumerate(group):
+                part = self._read_checkpoint_tensor(key)
+                if tuple(part.shape) != shape:
+                    return False
+                dst = out[e] if cat_dim is None else out[e].narrow(cat_dim, offset, shape[cat_dim])
+                dst.copy_(part)
+                del part
+            offset += 0 if cat_dim is None else shape[cat_dim]
+        self._set_param(name, out)
+        return True
+
+    def _load_with_transformers(self, keys: list[str]) -> None:
+        """One parameter through transformers' own conversion (renamings, splits, merges of any kind)."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        sd = {k: self._read_checkpoint_tensor(k) for k in keys}
+        cfg = LoadStateDictConfig(
+            pretrained_model_name_or_path=str(self.model_dir), weight_mapping=self._weight_mapping,
+            dtype=torch.float32, device_map={"": self.device},
+        )
+        convert_and_load_state_dict_in_model(self.model, sd, cfg)
+        sd.clear()  # the checkpoint-dtype copies; the model now holds float32 ones
+
+    def _is_fp8(self, key: str) -> bool:
+        return f"{key}_scale_inv" in self._key_file
 
     def _read_checkpoint_tensor(self, key: str) -> torch.Tensor:
         """A checkpoint tensor as the converter sees it: FP8 weights with a block scale (DeepSeek's
