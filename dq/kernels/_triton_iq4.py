@@ -22,7 +22,7 @@ from dq.quant.formats import QuantFormat
 
 __all__ = ["fake_quant_iq4_triton", "quant_error_iq4_triton"]
 
-_EPS = 1e-15  # GROUP_MAX_EPS
+_EPS = tl.constexpr(1e-15)  # GROUP_MAX_EPS (a constexpr: compiled kernels read no other globals)
 
 
 @triton.jit
