@@ -24,7 +24,7 @@ ERR_TILES = {
     QuantFormat.Q2_K: (4, 8, 16), QuantFormat.Q3_K: (4, 8, 16), QuantFormat.Q6_K: (2, 4, 8, 16),
 }
 DEQ_TILES = {f: (2, 4, 8, 16) for f in (QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K,
-                                      QuantFormat.Q6_K, QuantFormat.TQ1_0)}
+                                      QuantFormat.Q6_K, QuantFormat.TQ1_0, QuantFormat.IQ4_XS)}
 WARPS = (1, 2, 4, 8)
 
 

@@ -2,7 +2,7 @@
 
 Dequantization follows ``dequantize_row_*`` in ggml-quants.c with products in ggml's order, so the
 output is bit-exact. Most types run elementwise (each lane decodes one weight; neighbouring lanes re-read
-the block header from L1). Q3_K, Q4_K, Q5_K and TQ1_0, whose headers cost several byte loads per weight,
+the block header from L1). Q2_K to Q6_K, TQ1_0 and IQ4_XS, whose headers cost several byte loads per weight,
 run as ``[blocks, sub-blocks, weights]`` tiles that decode each sub-block's scale once.
 Types without a kernel here (IQ2_*, IQ3_*, IQ1_*) are dequantized by the torch reference, which also
 runs on the GPU.
@@ -87,15 +87,6 @@ def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr,
         r = j % 128
         q = (_u8(src, b + (j // 128) * 32 + r % 32, mask) >> ((r // 32) * 2)) & 3
         y = (q - 1).to(tl.float32) * _f16(src, b + 64, mask)
-    elif KIND == 12:  # IQ4_XS: d scales_h(u16) scales_l[4] qs[128]
-        ib = j // 32
-        r = j % 32
-        ls = (_u8(src, b + 4 + ib // 2, mask) >> ((ib % 2) * 4)) & 0xF
-        sh = _u8(src, b + 2, mask) | (_u8(src, b + 3, mask) << 8)
-        hs = (sh >> (ib * 2)) & 3
-        dl = _f16(src, b, mask) * ((ls | (hs << 4)) - 32).to(tl.float32)
-        q = (_u8(src, b + 8 + ib * 16 + r % 16, mask) >> ((r // 16) * 4)) & 0xF
-        y = dl * tl.load(tbl + q, mask=mask, other=0.0)
     else:  # MXFP4 (KIND 13): e8m0 exponent, then nibbles into kvalues_mxfp4
         ex = _u8(src, b, mask)
         bits = tl.where(ex < 2, 0x00200000 << ex, (ex - 1) << 23)
@@ -109,13 +100,13 @@ def _dequant_kernel(src, dst, tbl, n_elem, KIND: tl.constexpr, QK: tl.constexpr,
 # program takes NB whole blocks as an [NB, NSUB, SUBLEN] tile, decodes d, dmin and the packed sub-block
 # scales once per [NB, NSUB], and broadcasts them over the sub-block's weights.
 _SUB = {QuantFormat.Q2_K: (16, 16), QuantFormat.Q3_K: (16, 16), QuantFormat.Q4_K: (8, 32), QuantFormat.Q5_K: (8, 32),
-        QuantFormat.Q6_K: (16, 16), QuantFormat.TQ1_0: (1, 256)}
-# (blocks per program, warps) from bench/kernels_sweep.py: Q2_K and Q6_K on an H200, the rest on an H100
-_SUB_LAUNCH = {QuantFormat.Q2_K: (8, 1), QuantFormat.Q6_K: (4, 1)}
+        QuantFormat.Q6_K: (16, 16), QuantFormat.TQ1_0: (1, 256), QuantFormat.IQ4_XS: (8, 32)}
+# (blocks per program, warps) from bench/kernels_sweep.py: Q2_K, Q3_K, Q6_K and IQ4_XS on an H200, the rest on an H100
+_SUB_LAUNCH = {QuantFormat.Q2_K: (8, 1), QuantFormat.Q6_K: (4, 1), QuantFormat.Q3_K: (4, 1), QuantFormat.IQ4_XS: (4, 1)}
 
 
 @triton.jit
-def _dequant_sub_kernel(src, dst, n_blocks, KIND: tl.constexpr, TS: tl.constexpr, NB: tl.constexpr,
+def _dequant_sub_kernel(src, dst, tbl, n_blocks, KIND: tl.constexpr, TS: tl.constexpr, NB: tl.constexpr,
                         NSUB: tl.constexpr, SUBLEN: tl.constexpr):
     blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     bmask = blk < n_blocks
@@ -165,6 +156,13 @@ def _dequant_sub_kernel(src, dst, n_blocks, KIND: tl.constexpr, TS: tl.constexpr
         q = (_u8(src, b3 + 32 + n128 * 32 + l, m3) >> ((r // 32) * 2)) & 3
         hm = (_u8(src, b3 + l, m3) >> (n128 * 4 + r // 32)) & 1
         y = dl[:, :, None] * (q - tl.where(hm != 0, 0, 4)).to(tl.float32)
+    elif KIND == 12:  # IQ4_XS: d scales_h(u16) scales_l[4] qs[128]; sub-block js of 32 weights
+        ls = (_u8(src, b2 + 4 + js[None, :] // 2, m2) >> ((js[None, :] % 2) * 4)) & 0xF
+        sh = _u8(src, b + 2, bmask) | (_u8(src, b + 3, bmask) << 8)
+        hs = (sh[:, None] >> (js[None, :] * 2)) & 3
+        dl = _f16(src, b, bmask)[:, None] * ((ls | (hs << 4)) - 32).to(tl.float32)
+        q = (_u8(src, b3 + 8 + (js * 16)[None, :, None] + (t % 16)[None, None, :], m3) >> ((t // 16) * 4)[None, None, :]) & 0xF
+        y = dl[:, :, None] * tl.load(tbl + q, mask=m3, other=0.0)
     else:  # TQ1_0: qs[48] qh[4] d; base-3 digits recovered as (uint8(q * 3^n) * 3) >> 8
         j = j3
         in_a = j < 160
@@ -209,7 +207,7 @@ def dequantize_triton(data: torch.Tensor, fmt: QuantFormat, n_elem: int, dtype: 
         nb = tile or nb0
         n_blocks = n_elem // spec.block_size
         _dequant_sub_kernel[(triton.cdiv(n_blocks, nb),)](
-            data, out, n_blocks, KIND=_KIND[fmt], TS=spec.type_size, NB=nb, NSUB=nsub, SUBLEN=sublen,
+            data, out, _table(fmt, str(data.device)), n_blocks, KIND=_KIND[fmt], TS=spec.type_size, NB=nb, NSUB=nsub, SUBLEN=sublen,
             num_warps=num_warps or warps0, enable_fp_fusion=False,
         )
         return out
