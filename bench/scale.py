@@ -7,7 +7,9 @@ child's address space) are reported against the checkpoint's size and its larges
 small where they do not change memory (calibration tokens, two candidate types) so the run fits in an
 hour on 2 cores.
 
-    python bench/scale.py --layers 1 8         # 3.5 and 26 GiB of BF16 weights on a 24 GiB machine
+    python bench/scale.py --layers 1 9         # 3.5 and 25.1 GiB of BF16 weights on a 23.5 GiB machine
+                                               # (2.7 GiB a layer; 9 layers: ~56 GiB of disk for the
+                                               # checkpoint, the BF16 GGUF and the quant)
 Prints a table, writes ``bench/results/scale.{json,md}``.
 """
 
@@ -151,7 +153,7 @@ def main() -> None:
     from dq.cache import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, nargs="+", default=[1, 8],
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 9],
                     help="decoder layers of each checkpoint (several: memory and time against size)")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint and outputs (default $DQ_CACHE/bench/scale)")
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
