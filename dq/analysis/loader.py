@@ -389,20 +389,18 @@ class ModelSkeleton:
         if not meta.is_floating_point():
             return False
         conv = self._converter.get(name)
-        if conv is None:
-            if len(keys) != 1 or self._is_fp8(keys[0]):
-                return False
-            f = self._handles[self._key_file[keys[0]]]
-            if f.shape(keys[0]) != tuple(meta.shape) or not meta.shape:
-                return False
-            out = torch.empty(meta.shape, dtype=torch.float32, device=self.device)
-            row_bytes = max(1, out[0].numel() * 4)
-            chunk = max(1, self._FILL_CHUNK_BYTES // row_bytes)
-            for r0 in range(0, out.shape[0], chunk):
-                out[r0:r0 + chunk].copy_(f.read(keys[0], r0, r0 + chunk))
-            self._set_param(name, out)
-            return True
-        return self._fill_merged(name, keys, conv)
+        if conv is not None:
+            return self._fill_merged(name, keys, conv)
+        src = self.row_source(name)
+        if src is None or self._is_fp8(src[1]) or not meta.shape:
+            return False
+        f, key = src
+        out = torch.empty(meta.shape, dtype=torch.float32, device=self.device)
+        chunk = max(1, self._FILL_CHUNK_BYTES // max(1, out[0].numel() * 4))
+        for r0 in range(0, out.shape[0], chunk):
+            out[r0:r0 + chunk].copy_(f.read(key, r0, r0 + chunk))
+        self._set_param(name, out)
+        return True
 
     def _fill_merged(self, name: str, keys: list[str], conv) -> bool:
         from transformers.core_model_loading import Concatenate, MergeModulelist, dot_natural_key
@@ -420,28 +418,25 @@ class ModelSkeleton:
         groups = [g for g in groups if g]
         if sum(map(len, groups)) != len(keys) or (cat_dim is None and len(groups) != 1):
             return False
-        meta = self.module_param(name)
         n_exp = len(groups[0])
         shapes = [self._handles[self._key_file[g[0]]].shape(g[0]) for g in groups]
-        if any(len(g) != n_exp for g in groups) or meta.shape[0] != n_exp:
+        if any(len(g) != n_exp or any(self._handles[self._key_file[k]].shape(k) != shape for k in g)
+               for g, shape in zip(groups, shapes)):
             return False
         if cat_dim is None:
             expect = (n_exp, *shapes[0])
         else:
             width = sum(s[cat_dim] for s in shapes)
             expect = (n_exp, *shapes[0][:cat_dim], width, *shapes[0][cat_dim + 1:])
+        meta = self.module_param(name)
         if tuple(meta.shape) != expect:
             return False
         out = torch.empty(meta.shape, dtype=torch.float32, device=self.device)
         offset = 0
         for group, shape in zip(groups, shapes):
             for e, key in enumerate(group):
-                part = self._read_checkpoint_tensor(key)
-                if tuple(part.shape) != shape:
-                    return False
                 dst = out[e] if cat_dim is None else out[e].narrow(cat_dim, offset, shape[cat_dim])
-                dst.copy_(part)
-                del part
+                dst.copy_(self._read_checkpoint_tensor(key))
             offset += 0 if cat_dim is None else shape[cat_dim]
         self._set_param(name, out)
         return True

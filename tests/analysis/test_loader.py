@@ -25,9 +25,13 @@ def _reference_model(model_dir):
 
 @pytest.fixture(scope="module")
 def arch_dir(request, tmp_path_factory):
+    built = {}  # both tests use the same tiny models: build each once
+
     def build(arch):
-        bpe = request.getfixturevalue("smollm2_dir") if arch in BPE_ONLY else None
-        return tiny_arch(arch, tmp_path_factory.mktemp(arch), bpe_tokenizer_dir=bpe)
+        if arch not in built:
+            bpe = request.getfixturevalue("smollm2_dir") if arch in BPE_ONLY else None
+            built[arch] = tiny_arch(arch, tmp_path_factory.mktemp(arch), bpe_tokenizer_dir=bpe)
+        return built[arch]
     return build
 
 
