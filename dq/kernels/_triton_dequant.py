@@ -207,8 +207,8 @@ def dequantize_triton(data: torch.Tensor, fmt: QuantFormat, n_elem: int, dtype: 
         nb = tile or nb0
         n_blocks = n_elem // spec.block_size
         _dequant_sub_kernel[(triton.cdiv(n_blocks, nb),)](
-            data, out, _table(fmt, str(data.device)), n_blocks, KIND=_KIND[fmt], TS=spec.type_size, NB=nb, NSUB=nsub, SUBLEN=sublen,
-            num_warps=num_warps or warps0, enable_fp_fusion=False,
+            data, out, _table(fmt, str(data.device)), n_blocks, KIND=_KIND[fmt], TS=spec.type_size, NB=nb,
+            NSUB=nsub, SUBLEN=sublen, num_warps=num_warps or warps0, enable_fp_fusion=False,
         )
         return out
     block = tile or 1024
