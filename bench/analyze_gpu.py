@@ -12,6 +12,11 @@ Subcommands (the GPU machine gets the model through a 64 MiB carry limit, hence 
   ``measure_tensor`` (the part the kernels replace) as JSON.
 - ``quantizer``: the quantizers alone on every 2-D weight of the model, same rows, no imatrix:
   libggml on the CPU vs the kernel path on ``--device`` (errors and time per tensor).
+- ``shaped``: a model with real shapes and seeded random weights, built on ``--device``: ``llama3-8b``
+  (Llama-3-8B's config) or ``mixtral-8x7b`` (its config, ``--layers`` layers), with a given tokenizer
+  (the converter pads the vocabulary to the config's).
+- ``full``: the full ``dq analyze`` with its defaults (every default candidate, super weights, damage
+  gradients) on ``--device``; writes per-stage wall times, peak GPU memory and peak host RSS as JSON.
 - ``report``: compare the JSONs of a cuda and a cpu ``run`` (+ ``quantizer``) into a markdown file.
 
 Usage (see docs/results/analyze_gpu_vs_cpu.md for the commands of the recorded run):
@@ -146,6 +151,63 @@ def random_model(src: Path, dst: Path, layers: int, seed: int = 0) -> None:
     AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(dst)
 
 
+SHAPES = {
+    "llama3-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False),
+    "mixtral-8x7b": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, rope_theta=1e6,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+
+def shaped_model(shape: str, tokenizer: Path, dst: Path, layers: int | None, device: str, seed: int = 0) -> None:
+    """``SHAPES[shape]`` (``layers`` decoder layers if given) with seeded random weights, bf16, in 2 GB shards."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, dst / name)
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(dst, max_shard_size="2GB")
+
+
+def full(model: Path, out: Path, device: str, out_json: Path, candidates: tuple[str, ...] | None = None,
+         n_threads: int | None = None) -> dict:
+    """``dq analyze`` with its defaults (or these ``candidates``, libggml on ``n_threads``); stage times from
+    the analysis, peak memory of this process."""
+    import resource
+
+    import torch
+
+    from dq.analysis.analyze import AnalyzeOptions, analyze
+    from dq.convert.source import source_gguf
+
+    t0 = time.perf_counter()
+    source_gguf(model)  # llama.cpp's converter (analyze would run it first; timed apart)
+    t1 = time.perf_counter()
+    kw = {"candidates": candidates} if candidates else {}
+    a = analyze(model, out, AnalyzeOptions(device=device, plots=False, n_threads=n_threads, **kw))
+    wall = time.perf_counter() - t0
+    cuda = device.startswith("cuda")
+    res = {"model": model.name, "device": device, "gpu": torch.cuda.get_device_name() if cuda else None,
+           "wall_s": round(wall, 1), "convert_s": round(t1 - t0, 1), "stage_seconds": a.extra.get("stage_seconds"),
+           "candidates": a.extra["options"]["candidates"], "n_tokens": a.n_tokens, "tensors": len(a.tensors),
+           "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
+           "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out_json.write_text(json.dumps(res, indent=1))
+    return res
+
+
 def quantizer(model: Path, device: str, out_json: Path, candidates: tuple[str, ...], max_elements: int) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -254,6 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--candidates", default=",".join(CANDIDATES))
     p.add_argument("--max-elements", type=int, default=1 << 21)
+    p = sub.add_parser("shaped")
+    p.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    p.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json")
+    p.add_argument("--dst", type=Path, required=True)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--device", default="cuda")
+    p = sub.add_parser("full")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--candidates", default=None, help="comma-separated (default: dq analyze's)")
+    p.add_argument("--threads", type=int, default=None, help="libggml threads (default: CPUs, at most 8)")
     p = sub.add_parser("report")
     p.add_argument("--gpu", type=Path, required=True)
     p.add_argument("--cpu", type=Path, required=True)
@@ -268,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in r.items() if k != "tensors"}))
     elif a.cmd == "random":
         random_model(a.src, a.dst, a.layers)
+    elif a.cmd == "shaped":
+        shaped_model(a.shape, a.tokenizer, a.dst, a.layers, a.device)
+    elif a.cmd == "full":
+        cands = tuple(a.candidates.split(",")) if a.candidates else None
+        print(json.dumps(full(a.model, a.out, a.device, a.json, cands, a.threads)))
     elif a.cmd == "quantizer":
         r = quantizer(a.model, a.device, a.json, tuple(a.candidates.split(",")), a.max_elements)
         print(json.dumps({k: v for k, v in r.items() if k != "tensors"}))
