@@ -164,7 +164,8 @@ SHAPES = {
 
 
 def shaped_model(shape: str, tokenizer: Path, dst: Path, layers: int | None, device: str, seed: int = 0) -> None:
-    """``SHAPES[shape]`` (``layers`` decoder layers if given) with seeded random weights, bf16, in 2 GB shards."""
+    """``SHAPES[shape]`` (``layers`` decoder layers if given) with seeded random weights, bf16, in 2 GB shards;
+    the vocabulary is at least the tokenizer's (Mixtral's 32,000 grows to SmolLM2's 49,152)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -174,6 +175,8 @@ def shaped_model(shape: str, tokenizer: Path, dst: Path, layers: int | None, dev
     kw = dict(SHAPES[shape])
     if layers:
         kw["num_hidden_layers"] = layers
+    n_tok = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
+    kw["vocab_size"] = max(kw["vocab_size"], n_tok)
     cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
     torch.manual_seed(seed)
     with torch.device(device):
