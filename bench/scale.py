@@ -9,7 +9,8 @@ hour on 2 cores.
 
     python bench/scale.py --layers 1 9         # 3.5 and 25.1 GiB of BF16 weights on a 23.5 GiB machine
                                                # (2.7 GiB a layer; 9 layers: ~56 GiB of disk for the
-                                               # checkpoint, the BF16 GGUF and the quant)
+                                               # checkpoint, the BF16 GGUF and the quant, deleted
+                                               # after each size unless --keep)
 Prints a table, writes ``bench/results/scale.{json,md}``.
 """
 
@@ -47,9 +48,16 @@ def write_checkpoint(out: Path, layers: int, tokenizer_dir: Path) -> int:
     def w(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    weight_map, total = {}, 0
-    shards = [{"model.embed_tokens.weight": w(vocab, HIDDEN), "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
-               "lm_head.weight": w(vocab, HIDDEN)}]
+    weight_map, total, n = {}, 0, layers + 1
+
+    def save(k: int, d: dict) -> int:  # one shard, then it is dropped: the model is never whole in memory
+        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(d, out / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in d})
+        return sum(t.numel() * 2 for t in d.values())
+
+    total += save(0, {"model.embed_tokens.weight": w(vocab, HIDDEN), "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+                      "lm_head.weight": w(vocab, HIDDEN)})
     for i in range(layers):
         p = f"model.layers.{i}."
         d = {p + "input_layernorm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
@@ -61,15 +69,8 @@ def write_checkpoint(out: Path, layers: int, tokenizer_dir: Path) -> int:
         for e in range(EXPERTS):
             q = f"{p}block_sparse_moe.experts.{e}."
             d.update({q + "w1.weight": w(INTER, HIDDEN), q + "w3.weight": w(INTER, HIDDEN), q + "w2.weight": w(HIDDEN, INTER)})
-        shards.append(d)
-    n = len(shards)
-    for k, d in enumerate(shards):
-        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        save_file(d, out / name, metadata={"format": "pt"})
-        weight_map.update({key: name for key in d})
-        total += sum(t.numel() * 2 for t in d.values())
+        total += save(i + 1, d)
         del d
-        shards[k] = None
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
     return total
@@ -115,8 +116,12 @@ def run_stage(stage: str, model: Path, work: Path) -> dict:
             "peak_child_rss_bytes": child}
 
 
-def run_size(work: Path, layers: int) -> dict:
-    """Write (once) the ``layers``-layer checkpoint, then every stage on it."""
+def run_size(work: Path, layers: int, keep: bool) -> dict:
+    """Write (once) the ``layers``-layer checkpoint, then every stage on it; unless ``keep``, delete the
+    checkpoint, its converted GGUF and the outputs afterwards (9 layers take ~56 GiB of disk)."""
+    import shutil
+
+    from dq.cache import cache_dir, files_key
     from dq.models import materialize
 
     model = work / f"mixtral-8x7b-shaped-{layers}l"
@@ -126,7 +131,12 @@ def run_size(work: Path, layers: int) -> dict:
         size = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     out = work / f"out-{layers}l"
     out.mkdir(parents=True, exist_ok=True)
-    return {"layers": layers, "checkpoint_bytes": size, "rows": [run_stage(s, model, out) for s in _STAGES]}
+    converted = cache_dir() / "gguf" / f"{model.name}-{files_key(model)}"
+    doc = {"layers": layers, "checkpoint_bytes": size, "rows": [run_stage(s, model, out) for s in _STAGES]}
+    if not keep:
+        for d in (out, converted, model):
+            shutil.rmtree(d, ignore_errors=True)
+    return doc
 
 
 def render(doc: dict) -> str:
@@ -157,6 +167,9 @@ def main() -> None:
                     help="decoder layers of each checkpoint (several: memory and time against size)")
     ap.add_argument("--work", type=Path, default=None, help="checkpoint and outputs (default $DQ_CACHE/bench/scale)")
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
+    ap.add_argument("--keep", action="store_true", help="keep each size's checkpoint, GGUFs and outputs")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the other sizes already in --results/scale.json (measured on this machine)")
     args = ap.parse_args()
     work = args.work or cache_dir() / "bench" / "scale"
     block = 4 * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * HIDDEN // 4 + EXPERTS * 3 * HIDDEN * INTER + EXPERTS * HIDDEN)
@@ -164,8 +177,15 @@ def main() -> None:
            "sizes": []}
     args.results.mkdir(parents=True, exist_ok=True)
     cmd = "python bench/scale.py --layers " + " ".join(str(n) for n in args.layers)
+    old = args.results / "scale.json"
+    if args.append and old.is_file():
+        prev = json.loads(old.read_text())
+        if (prev["machine_bytes"], prev["block_fp32_bytes"]) == (doc["machine_bytes"], block):
+            doc["sizes"] = [s for s in prev["sizes"] if s["layers"] not in args.layers]
+            cmd = "; ".join(c for c in (prev.get("command"), cmd + " --append") if c)
     for n in args.layers:
-        doc["sizes"].append(run_size(work, n))
+        doc["sizes"].append(run_size(work, n, args.keep))
+        doc["sizes"].sort(key=lambda s: s["layers"])
         text = render(doc)  # written after every size: a long run that stops keeps what it measured
         print(text)
         (args.results / "scale.json").write_text(json.dumps(doc | {"command": cmd}, indent=1))
