@@ -121,7 +121,7 @@ def run_size(work: Path, layers: int, keep: bool) -> dict:
     checkpoint, its converted GGUF and the outputs afterwards (9 layers take ~56 GiB of disk)."""
     import shutil
 
-    from dq.cache import cache_dir, files_key
+    from dq.convert.source import converted_dir
     from dq.models import materialize
 
     model = work / f"mixtral-8x7b-shaped-{layers}l"
@@ -131,7 +131,7 @@ def run_size(work: Path, layers: int, keep: bool) -> dict:
         size = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     out = work / f"out-{layers}l"
     out.mkdir(parents=True, exist_ok=True)
-    converted = cache_dir() / "gguf" / f"{model.name}-{files_key(model)}"
+    converted = converted_dir(model)
     doc = {"layers": layers, "checkpoint_bytes": size, "rows": [run_stage(s, model, out) for s in _STAGES]}
     if not keep:
         for d in (out, converted, model):

@@ -15,7 +15,7 @@ from dq.cache import cache_dir, files_key
 from dq.convert.convert import convert_hf_to_gguf, read_hf_config
 from dq.errors import CorruptFileError, ModelNotFoundError, NotAModelError
 
-__all__ = ["source_gguf", "mmproj_gguf", "is_multimodal", "check_gguf"]
+__all__ = ["source_gguf", "mmproj_gguf", "converted_dir", "is_multimodal", "check_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ def check_gguf(path: Path) -> Path:
     return path
 
 
+def converted_dir(model: Path, *, cache: Path | None = None) -> Path:
+    """The cache folder of a Hugging Face directory's converted GGUFs (keyed by its files' contents)."""
+    model = Path(model).expanduser()
+    return (cache or cache_dir()) / "gguf" / f"{model.name}-{files_key(model)}"
+
+
 def source_gguf(model: Path, *, cache: Path | None = None) -> Path:
     """The BF16 GGUF for ``model`` (a HF directory or a .gguf file), converting once if needed."""
     model = Path(model).expanduser()
@@ -43,7 +49,7 @@ def source_gguf(model: Path, *, cache: Path | None = None) -> Path:
     if model.is_file():
         return check_gguf(model)
     read_hf_config(model)  # raises NotAModelError with the fix
-    out = (cache or cache_dir()) / "gguf" / f"{model.name}-{files_key(model)}" / "model-bf16.gguf"
+    out = converted_dir(model, cache=cache) / "model-bf16.gguf"
     if out.is_file():
         log.info("reusing converted %s", out)
         return out
@@ -63,7 +69,7 @@ def mmproj_gguf(model: Path, *, cache: Path | None = None) -> Path | None:
     model = Path(model).expanduser()
     if not is_multimodal(model):
         return None
-    out = (cache or cache_dir()) / "gguf" / f"{model.name}-{files_key(model)}" / "mmproj-bf16.gguf"
+    out = converted_dir(model, cache=cache) / "mmproj-bf16.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
