@@ -23,7 +23,7 @@ import torch
 
 from dq.kernels.ref_dequant import KVALUES_IQ4NL
 from dq.kernels.ref_kquant import GROUP_MAX_EPS
-from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv
+from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv, seq_sum
 from dq.quant.formats import QuantFormat
 
 __all__ = ["IQ4_FORMATS", "fake_quant_iq4"]
@@ -32,14 +32,6 @@ IQ4_FORMATS = (QuantFormat.IQ4_NL, QuantFormat.IQ4_XS)
 _NTRY = 7  # ggml_quantize_chunk's quantize_iq4_nl / quantize_iq4_xs both search itry = -7..7
 _BLOCK = 32
 _CHUNK_ELEMENTS = 1 << 24  # rows quantized per pass: about 1 GiB for each of the [chunk, 16] float temporaries
-
-
-def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum along the last dim in C loop order: ``s = 0; for j: s += t[..., j]``."""
-    s = t[..., 0].clone()
-    for j in range(1, t.shape[-1]):
-        s = s + t[..., j]
-    return s
 
 
 def _best_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +57,8 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor, values: torch.Tensor) -> to
     al = ids[:, :, None] * xb[:, None, :]
     q = values[_best_index(values, al)]
     wq = w[:, None, :] * q
-    sumqx = _seq_sum(wq * xb[:, None, :])
-    sumq2 = _seq_sum(wq * q)
+    sumqx = seq_sum(wq * xb[:, None, :])
+    sumq2 = seq_sum(wq * q)
     pos = sumq2 > 0
     refit = torch.where(pos, sumqx / torch.where(pos, sumq2, torch.ones_like(sumq2)), torch.zeros_like(sumqx))
     d = refit[:, 0]
@@ -108,7 +100,7 @@ def _fake_quant_rows(x: torch.Tensor, fmt: QuantFormat, sb: int, imatrix: torch.
     if imatrix is None:
         w = sup * sup
     else:
-        sigma2 = _seq_sum(sup * sup) * (2.0 / sb)  # `sigma2 *= 2.f/super_block_size` (exact: a power of two)
+        sigma2 = seq_sum(sup * sup) * (2.0 / sb)  # `sigma2 *= 2.f/super_block_size` (exact: a power of two)
         qw = imatrix.to(device=x.device, dtype=torch.float32).reshape(1, n // sb, sb).expand(rows, -1, -1)
         w = qw.reshape(-1, sb) * torch.sqrt((sigma2[:, None] + sup * sup).double()).float()
     xb = sup.reshape(-1, _BLOCK)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv
+from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv, seq_sum
 from dq.quant.formats import QuantFormat
 
 __all__ = ["fake_quant_k", "fake_quant_k_imatrix", "fake_quant_legacy_imatrix", "qkx2_steps", "qx_steps", "qp_steps", "KQUANT_PARAMS",
@@ -69,14 +69,6 @@ def _sqrt_rn(t: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(t.double()).float()
 
 
-def _seq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum along dim 1 in C loop order: ``s = 0; for i: s += t[i]``."""
-    s = t[:, 0].clone()
-    for i in range(1, t.shape[1]):
-        s = s + t[:, i]
-    return s
-
-
 def _make_qkx2(
     x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
     levels: bool = False,
@@ -85,8 +77,8 @@ def _make_qkx2(
     (``the_min = -min``), and with ``levels`` also the chosen ``L`` (zeros for a flat row)."""
     mn = torch.clamp(x.amin(dim=1), max=0.0)  # `if (min > 0) min = 0;`
     mx = x.amax(dim=1)
-    sum_w = _seq_sum(w)
-    sum_x = _seq_sum(w * x)
+    sum_w = seq_sum(w)
+    sum_x = seq_sum(w * x)
     flat = mx == mn
     rng = torch.where(flat, torch.ones_like(mx), mx - mn)
     xm = x - mn[:, None]
@@ -94,7 +86,7 @@ def _make_qkx2(
     def err(scale: torch.Tensor, mn_: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
         diff = (scale[:, None] * lv + mn_[:, None]) - x
         diff = diff.abs() if use_mad else diff * diff
-        return _seq_sum(w * diff)
+        return seq_sum(w * diff)
 
     iscale = rdiv(float(nmax), rng)
     scale = rdiv(1.0, iscale)
@@ -108,7 +100,7 @@ def _make_qkx2(
         iscale = rdiv(float(num), rng)
         la = torch.clamp(nearest_int(iscale[:, None] * (x - minv[:, None])), 0, nmax)
         wl = w * la
-        sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * la), _seq_sum(wl * x)
+        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * la), seq_sum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = torch.where(ok, D, torch.ones_like(D))
@@ -140,8 +132,8 @@ def _make_q3(x: torch.Tensor, nmax: int) -> torch.Tensor:
     lv = torch.clamp(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx = _seq_sum(wx * lv)
-    suml2 = _seq_sum((w * lv) * lv)
+    sumlx = seq_sum(wx * lv)
+    suml2 = seq_sum((w * lv) * lv)
     active = torch.ones_like(zero)
     for _ in range(5):
         changed = torch.zeros_like(zero)
@@ -180,7 +172,7 @@ def _make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tupl
 
     def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lv = levels(iscale)
-        return _seq_sum(wx * lv), _seq_sum((w * lv) * lv)
+        return seq_sum(wx * lv), seq_sum((w * lv) * lv)
 
     best_is = rdiv(float(-nmax), mxs)
     sumlx, suml2 = sums(best_is)
@@ -211,7 +203,7 @@ def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor,
 
     def wsse(scale: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
         diff = x - scale[:, None] * lv
-        return _seq_sum((w * diff) * diff)
+        return seq_sum((w * diff) * diff)
 
     iscale = rdiv(float(nmax), mxs)
     best = wsse(rdiv(1.0, iscale), torch.remainder(nearest_int(iscale[:, None] * x), 256))
@@ -223,8 +215,8 @@ def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor,
         iscale = torch.where(better, isc, iscale)
     lint = torch.clamp(nearest_int(iscale[:, None] * x), max=nmax)
     wx = w * x
-    sumlx = _seq_sum(wx * lint)
-    suml2 = _seq_sum((w * lint) * lint)
+    sumlx = seq_sum(wx * lint)
+    suml2 = seq_sum((w * lint) * lint)
     lv = torch.remainder(lint, 256)
     active = torch.ones_like(zero)
     for _ in range(5):
@@ -252,10 +244,10 @@ def _make_qp(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor,
 def _impl_weights(b: torch.Tensor, qw: torch.Tensor, sb: int, twice: bool) -> tuple[torch.Tensor, ...]:
     """The K-quant _impl searches' inputs: sub-blocks ``x``, weights ``qw*sqrt(sigma2 + x^2)`` with
     ``sigma2 = (2*)sum(x^2)/256`` of each super-block summed in order, and each sub-block's sum of weights."""
-    sigma2 = sdiv((2.0 if twice else 1.0) * _seq_sum(b * b), 256.0)
+    sigma2 = sdiv((2.0 if twice else 1.0) * seq_sum(b * b), 256.0)
     x = b.reshape(-1, sb)
     w = qw.reshape(-1, sb) * _sqrt_rn(sigma2.repeat_interleave(256 // sb)[:, None] + x * x)
-    return x, w, _seq_sum(w).reshape(-1, 256 // sb)
+    return x, w, seq_sum(w).reshape(-1, 256 // sb)
 
 
 def _requant_sym(b: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -322,7 +314,7 @@ def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> torch.Tensor:
     sb, nmax, rmin, rdelta, nstep, mad = KQUANT_PARAMS[fmt]
     x = b.reshape(-1, sb)
     # sqrtf is correctly rounded; torch's CPU float32 sqrt is not always, float64 then float32 is
-    av_x = torch.sqrt(sdiv(_seq_sum(x * x), float(sb)).double()).float()
+    av_x = torch.sqrt(sdiv(seq_sum(x * x), float(sb)).double()).float()
     sc, mn = _make_qkx2(x, av_x[:, None] + x.abs(), nmax, rmin, rdelta, nstep, mad)
     sc, mn = sc.reshape(-1, nsub), mn.reshape(-1, nsub)
     max_scale = torch.clamp(sc.amax(dim=1), min=0.0)
@@ -413,7 +405,7 @@ def fake_quant_legacy_imatrix(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.
     order); Q4_0/Q5_0 search with make_qx_quants (rmse_type 1), Q4_1/Q5_1 with make_qkx3_quants, and the
     search's own levels are stored (no re-rounding against the fp16 scale)."""
     rows, n = x.shape
-    sigma2 = sdiv(_seq_sum(x * x), float(n))
+    sigma2 = sdiv(seq_sum(x * x), float(n))
     xb = x.reshape(-1, 32)
     qw = imatrix.to(device=x.device, dtype=torch.float32).reshape(1, n).expand(rows, n).reshape(-1, 32)
     w = qw * _sqrt_rn(sigma2.repeat_interleave(n // 32)[:, None] + xb * xb)

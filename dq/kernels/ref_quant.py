@@ -36,6 +36,7 @@ __all__ = [
     "first_absmax",
     "rdiv",
     "sdiv",
+    "seq_sum",
 ]
 
 # Types whose ggml quantizers are ported: the reference (no-imatrix) one and, for the same types, the
@@ -89,6 +90,15 @@ def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ax = x.abs()
     idx = ax.argmax(dim=-1, keepdim=True)
     return x.gather(-1, idx).squeeze(-1), ax.gather(-1, idx).squeeze(-1)
+
+
+def seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum along the last dim in C loop order, ``s = 0; for j: s += t[..., j]`` (a pairwise ``torch.sum``
+    rounds differently and can flip a later comparison)."""
+    s = t[..., 0].clone()
+    for j in range(1, t.shape[-1]):
+        s = s + t[..., j]
+    return s
 
 
 def rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
