@@ -2,7 +2,9 @@
 
 For each shape and type: the fused error kernel (reads fp32 weights once), the dequant kernel (reads
 the GGUF bytes, writes bf16), and the CPU path ``libggml.quantize`` + ``libggml.dequantize`` (the
-error needs both) timed in the same run. Bytes moved / kernel time gives GB/s, compared with the
+error needs both) timed in the same run. IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS and IQ1_S (``--types``) have no
+Triton kernel: their "err" column is the torch port of the lattice search run on the GPU
+(``dq.kernels.ref_iqgrid``, ``dq.kernels.ref_iq1``), timed eagerly. Bytes moved / kernel time gives GB/s, compared with the
 H100 SXM HBM3 peak (3.35 TB/s).
 
 Usage: python bench/kernels.py [--out bench/results/kernels.json] [--shapes 4096x4096,4096x14336]
@@ -21,20 +23,23 @@ import numpy as np
 import torch
 
 from dq.kernels import act_stats, dequantize, quant_error
-from dq.kernels.api import TRITON_DEQUANT_FORMATS
+from dq.kernels.api import LATTICE_FORMATS, TRITON_DEQUANT_FORMATS
 from dq.quant import QuantFormat, libggml, tensor_nbytes
+from dq.quant.formats import FORMATS
 
 TYPES = [QuantFormat.Q8_0, QuantFormat.Q4_0, QuantFormat.Q4_1, QuantFormat.Q5_0, QuantFormat.Q5_1,
          QuantFormat.TQ1_0, QuantFormat.TQ2_0, QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K,
          QuantFormat.Q5_K, QuantFormat.Q6_K, QuantFormat.IQ4_NL, QuantFormat.IQ4_XS]
 
 
-def gpu_time(fn, reps: int = 20) -> float:
-    """Seconds per call; replayed from a CUDA graph so host launch overhead (~0.1-0.2 ms) is excluded."""
+def gpu_time(fn, reps: int = 20, graph: bool = True) -> float:
+    """Seconds per call; replayed from a CUDA graph so host launch overhead (~0.1-0.2 ms) is excluded
+    (``graph=False``: eager, launch overhead included, for code that synchronises: the lattice searches)."""
     try:
         from triton.testing import do_bench_cudagraph
 
-        return do_bench_cudagraph(fn, rep=reps) / 1000
+        if graph:
+            return do_bench_cudagraph(fn, rep=reps) / 1000
     except Exception:  # noqa: BLE001 - fall back to eager timing (includes launch overhead)
         pass
     fn()
@@ -111,23 +116,27 @@ def main() -> int:
         w = w_cpu.cuda()
         im = torch.rand(cols, device="cuda") + 0.1
         for fmt in types:
-            t_err = gpu_time(lambda: quant_error(w, fmt, im, backend="triton"))
+            # the IQ lattice types run as torch ops on the GPU (no Triton kernel; their syncs rule out graphs)
+            grid = fmt in LATTICE_FORMATS
+            be, reps = ("torch", 3) if grid else ("triton", 20)
+            t_err = gpu_time(lambda: quant_error(w, fmt, im, backend=be), reps, graph=not grid)
             err_bytes = w.numel() * 4 + cols * 4
             wn = w_cpu.numpy()
             if args.cpu_rows:
                 wn = wn[: args.cpu_rows]
             t0 = time.perf_counter()
-            raw = libggml.quantize(wn, fmt)
+            ones = np.ones(cols, np.float32) if FORMATS[fmt].needs_imatrix else None  # as dq quantizes then
+            raw = libggml.quantize(wn, fmt, ones)
             libggml.dequantize(raw, fmt, wn.shape)
             t_cpu = (time.perf_counter() - t0) * rows / wn.shape[0]
-            raw_full = libggml.quantize(w_cpu.numpy(), fmt) if args.cpu_rows else raw
+            raw_full = libggml.quantize(w_cpu.numpy(), fmt, ones) if args.cpu_rows else raw
             data = torch.frombuffer(bytearray(raw_full), dtype=torch.uint8).cuda()
             t_deq = deq_gbps = None
             if fmt in TRITON_DEQUANT_FORMATS:
                 t_deq = gpu_time(lambda: dequantize(data, fmt, (rows, cols), torch.bfloat16, backend="triton"))
                 deq_gbps = (tensor_nbytes(fmt, (rows, cols)) + w.numel() * 2) / t_deq / 1e9
             # libggml's imatrix quantizer (quantize_row_*_impl) vs its port
-            t_im = gpu_time(lambda: quant_error(w, fmt, im, backend="triton", imatrix_quantizer=True))
+            t_im = gpu_time(lambda: quant_error(w, fmt, im, backend=be, imatrix_quantizer=True), reps, graph=not grid)
             im_np = im.cpu().numpy()
             t0 = time.perf_counter()
             libggml.dequantize(libggml.quantize(wn, fmt, im_np), fmt, wn.shape)

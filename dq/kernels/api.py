@@ -23,11 +23,13 @@ from typing import Literal
 
 import torch
 
+from dq.kernels.ref_iqgrid import GRID_FORMATS
+from dq.kernels.ref_quant import FAKE_QUANT_FORMATS
 from dq.quant.formats import FORMATS, FormatSpec, QuantFormat
 
 __all__ = [
     "quant_error", "dequantize", "act_stats", "triton_available", "resolve_backend", "Backend",
-    "TRITON_DEQUANT_FORMATS",
+    "TRITON_DEQUANT_FORMATS", "QUANT_ERROR_FORMATS", "LATTICE_FORMATS",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,11 +93,15 @@ def quant_error(
 
     Args:
         weight: ``[rows, n_per_row]`` float tensor; ``n_per_row`` a multiple of the type's block size.
-        fmt: the candidate type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS).
+        fmt: the candidate type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS;
+            IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M through the torch ports
+            :mod:`dq.kernels.ref_iqgrid` and :mod:`dq.kernels.ref_iq1`).
         imatrix: optional ``[n_per_row]`` importance weights; they weight the error.
         backend: ``auto``, ``triton`` or ``torch``.
         imatrix_quantizer: also quantize with the imatrix as libggml does (``quantize_row_*_impl``). Off:
-            ggml's reference (no-imatrix) quantizer, see :func:`dq.kernels.ref_quant.quant_error`.
+            ggml's reference (no-imatrix) quantizer, see :func:`dq.kernels.ref_quant.quant_error`. The IQ
+            lattice types always quantize with the imatrix (uniform weights without one), as llama.cpp
+            requires one for them.
         return_dequantized: also return the fake-quantized weights (float32) as ``"deq"``, from the same
             pass (for activation errors).
 
@@ -105,11 +111,9 @@ def quant_error(
     Raises:
         ValueError: unsupported type, shape or backend.
     """
-    from dq.kernels.ref_quant import FAKE_QUANT_FORMATS
-
     f = _as_format(fmt)
-    if f not in FAKE_QUANT_FORMATS:
-        raise ValueError(f"quant_error supports {[x.value for x in FAKE_QUANT_FORMATS]}, not {f}")
+    if f not in QUANT_ERROR_FORMATS:
+        raise ValueError(f"quant_error supports {[x.value for x in QUANT_ERROR_FORMATS]}, not {f}")
     if weight.ndim != 2 or weight.shape[1] % FORMATS[f].block_size:
         raise ValueError(
             f"weight must be [rows, n_per_row] with n_per_row a multiple of {FORMATS[f].block_size} for {f}, "
@@ -117,6 +121,21 @@ def quant_error(
         )
     if imatrix is not None and tuple(imatrix.shape) != (weight.shape[1],):
         raise ValueError(f"imatrix has shape {tuple(imatrix.shape)}, expected ({weight.shape[1]},)")
+    if f in LATTICE_FORMATS:  # the lattice searches run as torch ops on the tensor's device (no Triton kernel yet)
+        from dq.kernels.ref_iq1 import fake_quant_iq1_m, fake_quant_iq1_s
+        from dq.kernels.ref_iqgrid import fake_quant_iqgrid
+        from dq.kernels.ref_quant import error_sums
+
+        resolve_backend("torch" if backend == "auto" else backend, weight.device, False)
+        im = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device) if imatrix is None else imatrix
+        if f is QuantFormat.IQ1_S:
+            deq = fake_quant_iq1_s(weight, im)
+        else:
+            deq = fake_quant_iq1_m(weight, im) if f is QuantFormat.IQ1_M else fake_quant_iqgrid(weight, f, im)
+        out = error_sums(weight, deq, imatrix)
+        if return_dequantized:
+            out["deq"] = deq
+        return out
     if resolve_backend(backend, weight.device, True) == "triton":
         if f in (QuantFormat.IQ4_NL, QuantFormat.IQ4_XS):
             from dq.kernels._triton_iq4 import quant_error_iq4_triton as quant_error_triton
@@ -176,6 +195,12 @@ TRITON_DEQUANT_FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K,
     QuantFormat.TQ2_0, QuantFormat.IQ4_NL, QuantFormat.IQ4_XS, QuantFormat.MXFP4, QuantFormat.TQ1_0,
 )
+
+
+# The IQ lattice types, ported as torch ops (byte-exact with libggml) that run on any device.
+LATTICE_FORMATS: tuple[QuantFormat, ...] = GRID_FORMATS + (QuantFormat.IQ1_S, QuantFormat.IQ1_M)
+# Types quant_error measures: the ported reference and imatrix quantizers, and the lattice searches.
+QUANT_ERROR_FORMATS: tuple[QuantFormat, ...] = FAKE_QUANT_FORMATS + LATTICE_FORMATS
 
 
 def act_stats(x: torch.Tensor, backend: Backend = "auto") -> dict[str, torch.Tensor]:
