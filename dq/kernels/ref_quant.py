@@ -21,6 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 
 from dq.quant.formats import FORMATS, QuantFormat
@@ -37,6 +41,8 @@ __all__ = [
     "rdiv",
     "sdiv",
     "seq_sum",
+    "seq_cumsum",
+    "seq_kernels_on",
 ]
 
 # Types whose ggml quantizers are ported: the reference (no-imatrix) one and, for the same types, the
@@ -94,11 +100,42 @@ def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def seq_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum along the last dim in C loop order, ``s = 0; for j: s += t[..., j]`` (a pairwise ``torch.sum``
-    rounds differently and can flip a later comparison)."""
+    rounds differently and can flip a later comparison).
+
+    On a CUDA tensor with Triton installed this is one kernel launch (:mod:`dq.kernels._triton_lattice`, the same
+    float32 adds in the same order) instead of one launch per term.
+    """
+    if seq_kernels_on(t):
+        from dq.kernels._triton_lattice import seq_sum_triton
+
+        return seq_sum_triton(t)
     s = t[..., 0].clone()
     for j in range(1, t.shape[-1]):
         s = s + t[..., j]
     return s
+
+
+def seq_cumsum(t: torch.Tensor) -> torch.Tensor:
+    """C-order prefix sums along the last dim with a leading zero: ``[..., n + 1]`` float32,
+    ``out[..., 0] = 0``, ``out[..., j + 1] = out[..., j] + t[..., j]`` (one Triton launch on CUDA)."""
+    if seq_kernels_on(t):
+        from dq.kernels._triton_lattice import seq_cumsum_triton
+
+        return seq_cumsum_triton(t)
+    out = [torch.zeros(t.shape[:-1], dtype=torch.float32, device=t.device)]
+    for j in range(t.shape[-1]):
+        out.append(out[-1] + t[..., j])
+    return torch.stack(out, -1)
+
+
+def seq_kernels_on(t: torch.Tensor) -> bool:
+    """Whether :func:`seq_sum` runs as one Triton kernel: a float32 CUDA tensor, Triton importable, no interpreter."""
+    return t.is_cuda and t.dtype == torch.float32 and os.environ.get("TRITON_INTERPRET", "0") != "1" and _have_triton()
+
+
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def rdiv(num: float, t: torch.Tensor) -> torch.Tensor:
