@@ -25,7 +25,7 @@ import torch
 
 from dq.kernels.ref_dequant import dequantize_blocks
 from dq.kernels.ref_iqgrid import lattice_tables, tables_on
-from dq.kernels.ref_quant import nearest_int, rdiv, sdiv, seq_sum
+from dq.kernels.ref_quant import nearest_int, rdiv, sdiv, seq_cumsum, seq_kernels_on, seq_sum
 from dq.quant.formats import FORMATS, QuantFormat
 
 __all__ = ["quantize_iq1_s", "fake_quant_iq1_s", "quantize_iq1_m", "fake_quant_iq1_m"]
@@ -88,13 +88,14 @@ def _split_search(xs: torch.Tensor, ws: torch.Tensor):
     """
     b = xs.shape[0]
     dev = xs.device
-    sumx = [torch.zeros(b, device=dev)]
-    sumw = [torch.zeros(b, device=dev)]
-    for j in range(_BLOCK):  # sumx[j+1] = sumx[j] + weight*xb, sequentially
-        sumx.append(sumx[-1] + ws[:, j] * xs[:, j])
-        sumw.append(sumw[-1] + ws[:, j])
-    sx, sw = torch.stack(sumx, 1), torch.stack(sumw, 1)  # [B, 33]
+    sx, sw = seq_cumsum(ws * xs), seq_cumsum(ws)  # [B, 33]: sumx[j+1] = sumx[j] + weight*xb, sequentially
     i1, i2 = _candidates(_BLOCK, dev)
+    if seq_kernels_on(xs):  # C's scan itself, a lane per block
+        from dq.kernels._triton_lattice import iq1_split_triton
+
+        scale, pick = iq1_split_triton((sx, sw))
+        pc = pick.clamp(min=0)
+        return scale, i1[pc // 2], i2[pc // 2], torch.where(pc % 2 == 0, 1, -1), pick >= 0
     a_x, b_x, c_x = sx[:, i1] - sx[:, :1], sx[:, i2] - sx[:, i1], sx[:, -1:] - sx[:, i2]
     a_w, b_w, c_w = sw[:, i1] - sw[:, :1], sw[:, i2] - sw[:, i1], sw[:, -1:] - sw[:, i2]
     qx, q2 = [], []
@@ -207,15 +208,18 @@ def _split_search_m(xs: torch.Tensor, ws: torch.Tensor, second: torch.Tensor):
     """
     b = xs.shape[0]
     dev = xs.device
-    zero = torch.zeros(b, device=dev)
-    px, pw = [[zero], [zero]], [[zero], [zero]]
-    for j in range(_BLOCK_M):  # px[h][j+1] = px[h][j] + weight*xb for the half the value is in
-        wx = ws[:, j] * xs[:, j]
-        for h, mine in ((0, ~second[:, j]), (1, second[:, j])):
-            px[h].append(torch.where(mine, px[h][-1] + wx, px[h][-1]))
-            pw[h].append(torch.where(mine, pw[h][-1] + ws[:, j], pw[h][-1]))
-    px_, pw_ = [torch.stack(v, 1) for v in px], [torch.stack(v, 1) for v in pw]  # 2 x [B, 17]
+    # px[h][j+1] = px[h][j] + weight*xb for the half the value is in, else px[h][j] (adding +0.0: exact, and
+    # a prefix sum from +0 is never -0)
+    wx, zero = ws * xs, torch.zeros_like(xs)
+    px_ = [seq_cumsum(torch.where(half, wx, zero)) for half in (~second, second)]  # 2 x [B, 17]
+    pw_ = [seq_cumsum(torch.where(half, ws, zero)) for half in (~second, second)]
     i1, i2 = _candidates(_BLOCK_M, dev)
+    if seq_kernels_on(xs):  # C's scan itself, a lane per block
+        from dq.kernels._triton_lattice import iq1_split_triton
+
+        scale, pick = iq1_split_triton((px_[0], px_[1], pw_[0], pw_[1]))
+        pc = pick.clamp(min=0)
+        return scale, i1[pc // 4], i2[pc // 4], pc % 4, pick >= 0
     qx_p, qx_m, q2_p, q2_m = [], [], [], []
     for h in range(2):
         tx, tw = px_[h][:, -1:], pw_[h][:, -1:]

@@ -20,8 +20,8 @@ block:
 The neighbour lists are built as ``iq2xs_init_impl``/``iq3xs_init_impl`` build them: for each off-grid
 point, the grid points at the two smallest squared distances (one for IQ2_S), ordered by (distance, index). Every decision here is taken on the
 same float32 value as in libggml: products in C order without FMA, IEEE division (``rdiv``/``sdiv``),
-sequential sums, first-minimum ties. :func:`quantize_iq2` returns the GGUF blocks themselves, so
-``tests/kernels/test_ref_iq2.py`` compares bytes with ``ggml_quantize_chunk``; it runs on any torch device,
+sequential sums, first-minimum ties. :func:`quantize_iqgrid` returns the GGUF blocks themselves, so
+``tests/kernels/test_ref_iqgrid.py`` compares bytes with ``ggml_quantize_chunk``; it runs on any torch device,
 which is how ``dq analyze --device cuda`` measures these types on the GPU.
 """
 
@@ -30,10 +30,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dq.kernels.ref_dequant import dequantize_blocks, iq_grid
-from dq.kernels.ref_quant import nearest_int, rdiv, sdiv, seq_sum
+from dq.kernels.ref_quant import nearest_int, rdiv, sdiv, seq_kernels_on, seq_sum
 from dq.quant.formats import FORMATS, QuantFormat
 
 __all__ = ["GRID_FORMATS", "quantize_iqgrid", "fake_quant_iqgrid", "lattice_tables", "tables_on"]
@@ -77,7 +78,7 @@ GRID_FORMATS = tuple(_SPECS)
 
 def _f32(v: float) -> float:
     """``v`` rounded to float32 (a C ``float`` constant such as ``0.1f``)."""
-    return float(torch.tensor(v, dtype=torch.float32))
+    return float(np.float32(v))
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: device copies are cached per table
@@ -169,6 +170,13 @@ def _snap(tab: _Tables, lv: torch.Tensor, src: torch.Tensor | None, xg: torch.Te
     off = gi < 0
     if bool(off.any()):
         gi = gi.clone()
+        if seq_kernels_on(xg):  # one lane per off-grid point, each scanning its own list
+            from dq.kernels._triton_lattice import best_neighbour_triton
+
+            idx = off.nonzero().squeeze(1)
+            rows = idx if src is None else src[idx]
+            gi[idx] = best_neighbour_triton(tab.neighbours, tab.counts, tab.q, u[idx], xg[rows], wg[rows], scale[idx])
+            return gi, ~off
         counts = tab.counts[u]
         lo = 0
         for hi in _WIDTHS:  # searched in buckets of list length, so a few long lists do not pad them all
@@ -191,8 +199,13 @@ def _make_qp_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor
     """``make_qp_quants(n, nmax, x, L, w)`` for blocks ``[B, n]``: its returned scale (L is not used after).
 
     ``L`` is a ``uint8`` array in C and ``x`` may hold one negative value (a flipped sign), so rounded levels
-    are stored modulo 256 and read back that way, as the C code does.
+    are stored modulo 256 and read back that way, as the C code does. On CUDA with Triton the same loops run
+    as one kernel, a lane per block (:func:`dq.kernels._triton_lattice.make_qp_scale_triton`).
     """
+    if seq_kernels_on(x):
+        from dq.kernels._triton_lattice import make_qp_scale_triton
+
+        return make_qp_scale_triton(x, w, nmax)
     mx = x.amax(1)
     mx = torch.where(mx > 0, mx, torch.zeros_like(mx))  # `max = 0; max = MAX(max, x[i])`
     safe = torch.where(mx > 0, mx, torch.ones_like(mx))
