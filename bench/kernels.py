@@ -2,7 +2,7 @@
 
 For each shape and type: the fused error kernel (reads fp32 weights once), the dequant kernel (reads
 the GGUF bytes, writes bf16), and the CPU path ``libggml.quantize`` + ``libggml.dequantize`` (the
-error needs both) timed in the same run. IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M (``--types``)
+error needs both) timed in the same run. IQ3_XXS, IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M (``--types``)
 have no single Triton kernel: their "err" column is the torch port of the lattice search run on the GPU
 (``dq.kernels.ref_iqgrid``, ``dq.kernels.ref_iq1``, its sequential loops as Triton kernels), timed eagerly. Bytes moved / kernel time gives GB/s, compared with the
 H100 SXM HBM3 peak (3.35 TB/s).

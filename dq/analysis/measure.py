@@ -23,13 +23,13 @@ Two paths (:func:`measure_path` picks one per run and logs it):
 - ``kernels`` (``dq analyze --device cuda`` with Triton): stored types in
   :data:`~dq.kernels.ref_quant.FAKE_QUANT_FORMATS` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K;
   IQ4_NL and IQ4_XS as torch ops on the device) are measured on the GPU by one fused kernel pass per tensor
-  and type (IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M by the byte-exact torch ports of their lattice
+  and type (IQ3_XXS, IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M by the byte-exact torch ports of their lattice
   searches, :mod:`dq.kernels.ref_iqgrid` and :mod:`dq.kernels.ref_iq1`): ``weight_err``/``weighted_err``
   sums, and Q(W) for ``act_err`` (a float64 matmul on the device). The kernels port ggml's quantizers
   bit-exactly, the imatrix-aware ``quantize_row_*_impl`` searches included (used whenever importance
   weights are present, as libggml does), so the GPU table equals the CPU table up to the forward pass
-  running on another device (``docs/results/analyze_gpu_vs_cpu.md``). IQ3_S, MXFP4 and the float types
-  always use libggml.
+  running on another device (``docs/results/analyze_gpu_vs_cpu.md``). MXFP4 and the float types always
+  use libggml.
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def kernel_formats() -> tuple[QuantFormat, ...]:
 
     The kernels port both of ggml's quantizers for these types, the reference one and the imatrix-aware
     ``quantize_row_*_impl`` (used whenever importance weights are given, as libggml does), so
-    ``--device cuda`` measures exactly what llama.cpp writes. The lattice types IQ3_XXS, IQ2_S, IQ2_XS,
-    IQ2_XXS, IQ1_S and IQ1_M run as torch ops on the device (:mod:`dq.kernels.ref_iqgrid`, :mod:`dq.kernels.ref_iq1`;
-    byte-exact); IQ3_S and MXFP4 stay on libggml.
+    ``--device cuda`` measures exactly what llama.cpp writes. The lattice types IQ3_XXS, IQ3_S, IQ2_S,
+    IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M run as torch ops on the device (:mod:`dq.kernels.ref_iqgrid`, :mod:`dq.kernels.ref_iq1`;
+    byte-exact); MXFP4 stays on libggml.
     """
     from dq.kernels.api import QUANT_ERROR_FORMATS
 

@@ -94,14 +94,14 @@ def quant_error(
     Args:
         weight: ``[rows, n_per_row]`` float tensor; ``n_per_row`` a multiple of the type's block size.
         fmt: the candidate type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS;
-            IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M through the torch ports
+            IQ3_XXS, IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M through the torch ports
             :mod:`dq.kernels.ref_iqgrid` and :mod:`dq.kernels.ref_iq1`).
         imatrix: optional ``[n_per_row]`` importance weights; they weight the error.
         backend: ``auto``, ``triton`` or ``torch``.
         imatrix_quantizer: also quantize with the imatrix as libggml does (``quantize_row_*_impl``). Off:
             ggml's reference (no-imatrix) quantizer, see :func:`dq.kernels.ref_quant.quant_error`. The IQ
-            lattice types always quantize with the imatrix (uniform weights without one), as llama.cpp
-            requires one for them.
+            lattice types always quantize with the imatrix (uniform weights without one, as llama.cpp
+            requires one for them; IQ3_S without one weights by ``x^2``, as libggml does).
         return_dequantized: also return the fake-quantized weights (float32) as ``"deq"``, from the same
             pass (for activation errors).
 
@@ -127,7 +127,9 @@ def quant_error(
         from dq.kernels.ref_quant import error_sums
 
         resolve_backend("torch" if backend == "auto" else backend, weight.device, False)
-        im = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device) if imatrix is None else imatrix
+        im = imatrix
+        if im is None and FORMATS[f].needs_imatrix:  # as dq quantizes them without one; IQ3_S keeps C's x^2
+            im = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
         if f is QuantFormat.IQ1_S:
             deq = fake_quant_iq1_s(weight, im)
         else:

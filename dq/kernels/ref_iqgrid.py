@@ -1,24 +1,26 @@
-"""Torch port of ggml's lattice quantizers IQ2_XXS, IQ2_XS, IQ2_S and IQ3_XXS (``quantize_row_iq2_xxs_impl`` etc.).
+"""Torch port of ggml's lattice quantizers IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S (``quantize_row_iq2_xxs_impl`` etc.).
 
 These types store groups of weights (8 for IQ2, 4 for IQ3) as an index into a grid of vectors whose
 entries are odd levels ``q = 2l + 1`` (``l`` in 0..2 for IQ2, 0..7 for IQ3), plus sign bits (7 per 8
 weights, the 8th making the parity even; IQ2_S stores all 8) and a 4-bit block scale under one fp16 scale
 per 256 weights. IQ2_XXS: a 256-point grid, one scale per 32 weights; IQ2_XS: 512 points, one scale per 16;
-IQ2_S: 1024 points, one scale per 16; IQ3_XXS: 256 points of 4 levels, one scale per 32. The C search, per
+IQ2_S: 1024 points, one scale per 16; IQ3_XXS: 256 points of 4 levels, one scale per 32; IQ3_S: 512 points of
+4 levels, 8 stored sign bits per 8 weights, one scale per 32. The C search, per
 block:
 
-1. weights ``qw * sqrt(c * sum(x^2)/256 + x^2)`` (``c`` = 1, or 2 for IQ2_S and IQ3_XXS); signs split off
+1. weights ``qw * sqrt(c * sum(x^2)/256 + x^2)`` (``c`` = 1, or 2 for IQ2_S, IQ3_XXS and IQ3_S;
+   IQ3_S without an imatrix: ``x^2``); signs split off
    (``xval = |x|``), and, with parity, when 8 weights have an odd number of negatives the one of smallest
    ``w x^2`` keeps its sign flipped (its ``xval`` is negative);
 2. trial inverse scales (IQ2_XXS: 13 around ``make_qp_quants``'s scale; IQ2_XS and IQ2_S: 19 around
-   ``max/5``; IQ3_XXS: 31 around ``max/15``); for each, every group is rounded to levels, and a point off the grid is
+   ``max/5``; IQ3_XXS: 31 around ``max/15``; IQ3_S: 19 around ``max/15``); for each, every group is rounded to levels, and a point off the grid is
    replaced by the best of its precomputed grid neighbours (weighted distance at the trial scale); the
    least-squares refit with the largest ``sumqx^2/sumq2`` wins;
-3. a re-rounding at the chosen scale (IQ2_XXS: every group; the others: the groups that were off the
-   grid), a refit, and the block scales rounded to 4 bits against ``max_scale/31``.
+3. a re-rounding at the chosen scale (IQ2_XXS: every group; IQ3_S: every group when one was off the
+   grid; the others: the groups that were off the grid), a refit, and the block scales rounded to 4 bits against ``max_scale/31``.
 
 The neighbour lists are built as ``iq2xs_init_impl``/``iq3xs_init_impl`` build them: for each off-grid
-point, the grid points at the two smallest squared distances (one for IQ2_S), ordered by (distance, index). Every decision here is taken on the
+point, the grid points at the two smallest squared distances (one for IQ2_S, three for IQ3_S), ordered by (distance, index). Every decision here is taken on the
 same float32 value as in libggml: products in C order without FMA, IEEE division (``rdiv``/``sdiv``),
 sequential sums, first-minimum ties. :func:`quantize_iqgrid` returns the GGUF blocks themselves, so
 ``tests/kernels/test_ref_iqgrid.py`` compares bytes with ``ggml_quantize_chunk``; it runs on any torch device,
@@ -63,7 +65,8 @@ class _Spec:
     sigma_mul: float  # sigma2 = sigma_mul * sum(x^2) / QK_K
     d_fudge: float  # the stored super-block scale is fp16(d * d_fudge)
     parity: bool = True  # 7 stored sign bits per 8 weights, even parity (IQ2_S stores all 8)
-    nwant: int = 2  # distinct distances in a neighbour list (iq2xs_init_impl: 1 for IQ2_S)
+    nwant: int = 2  # distinct distances in a neighbour list (iq2xs_init_impl: 1 for IQ2_S; IQ3_S: 3)
+    requant_all_groups: bool = False  # IQ3_S: when any group was off the grid, re-round all of them
 
 
 _SPECS = {
@@ -72,6 +75,9 @@ _SPECS = {
     QuantFormat.IQ3_XXS: _Spec(4, 3, 8, 4096, 32, tuple(range(-15, 16)), 0.2, False, False, 1e-8, 2.0, 1.0125),
     QuantFormat.IQ2_S: _Spec(8, 2, 3, 43692, 16, tuple(range(-9, 10)), 0.1, False, False, 1e-8, 2.0, 0.9875,
                              parity=False, nwant=1),
+    # IQ3_S: `if (!max)` is its only dead-block test (eps 0); 512 grid points, 8 stored sign bits
+    QuantFormat.IQ3_S: _Spec(4, 3, 8, 4096, 32, tuple(range(-9, 10)), 0.2, False, False, 0.0, 2.0, 1.033,
+                             parity=False, nwant=3, requant_all_groups=True),
 }
 GRID_FORMATS = tuple(_SPECS)
 
@@ -282,7 +288,7 @@ def _quantize_blocks(xb: torch.Tensor, weight: torch.Tensor, sp: _Spec, tab: _Ta
     waux = torch.sqrt(weight.double()).float()
     xval, signs = _signs(xb, weight, sp.parity)
     mx = xval.amax(1)
-    dead = mx < sp.eps
+    dead = (mx < sp.eps) | (mx == 0)
     xg, wg = xval.reshape(-1, sp.group), waux.reshape(-1, sp.group)
     if sp.start_qp:
         scale = _make_qp_quants(xval, weight, sp.kmax_q + 1)
@@ -321,7 +327,7 @@ def _quantize_blocks(xb: torch.Tensor, weight: torch.Tensor, sp: _Spec, tab: _Ta
     lv = nearest_int(0.5 * (id_[:, None] * xval - 1.0)).clamp(0, sp.kmax_q - 1).int()
     gi, _ = _snap(tab, lv.reshape(-1, sp.group), None, xg, wg, scale.repeat_interleave(ng))
     lv = tab.levels[gi].reshape(b, n)
-    if not sp.redo_all:  # groups that were on the grid keep the winning trial's levels
+    if not (sp.redo_all or sp.requant_all_groups):  # groups that were on the grid keep the winning trial's levels
         lv = torch.where(on_best.repeat_interleave(sp.group, 1), lv_best, lv)
     lv = torch.where(redo[:, None], lv, lv_best)
     sumqx, sumq2 = _refit(weight, xval, lv)
@@ -341,8 +347,10 @@ def _le_bytes(words: torch.Tensor, nbytes: int) -> torch.Tensor:
     return torch.stack([(words >> (8 * i)) & 255 for i in range(nbytes)], -1).reshape(words.shape[0], -1)
 
 
-def _pack(fmt: QuantFormat, d: torch.Tensor, gi: torch.Tensor, signs: torch.Tensor, ls: torch.Tensor):
-    """GGUF blocks ``[S, type_size]`` from per-super-block ``d``, grid indices, signs and 4-bit scales."""
+def _pack(fmt: QuantFormat, d: torch.Tensor, gi: torch.Tensor, signs: torch.Tensor, ls: torch.Tensor,
+          dead: torch.Tensor):
+    """GGUF blocks ``[S, type_size]`` from per-super-block ``d``, grid indices, signs and 4-bit scales
+    (``dead``: the blocks with no non-zero weight, for IQ3_S's packing)."""
     s = d.shape[0]
     dev = d.device
     head = _le_bytes(d.to(torch.float16).view(torch.int16).long()[:, None] & 0xFFFF, 2)
@@ -356,6 +364,15 @@ def _pack(fmt: QuantFormat, d: torch.Tensor, gi: torch.Tensor, signs: torch.Tens
                           ls.reshape(s, 8, 2)[..., 0] | (ls.reshape(s, 8, 2)[..., 1] << 4)], 1)
     elif fmt is QuantFormat.IQ3_XXS:  # 64 grid bytes, then per 32 weights a uint32 of signs | scale << 28
         body = torch.cat([gi.reshape(s, 64), _le_bytes(sign_words | (ls << 28), 4)], 1)
+    elif fmt is QuantFormat.IQ3_S:  # 64 low grid bytes, their 9th bits, 32 sign bytes, nibble scales per 32
+        qh = ((gi >> 8).reshape(s, 8, 8) << torch.arange(8, device=dev)).sum(-1)
+        # C's `if (!max) continue;` also skips `qs += bs4; signs += bs8;`: the next blocks' grid bytes and signs
+        # move up into a dead block's place (qh and the scales are indexed by block): live blocks first, in order
+        order = torch.sort(dead.reshape(s, 8).int(), dim=1, stable=True).indices
+        low = (gi.reshape(s, 8, 8) & 255).gather(1, order[:, :, None].expand(-1, -1, 8))
+        signs = signs.reshape(s, 8, 4).gather(1, order[:, :, None].expand(-1, -1, 4))
+        body = torch.cat([low.reshape(s, 64), qh, signs.reshape(s, 32),
+                          ls.reshape(s, 4, 2)[..., 0] | (ls.reshape(s, 4, 2)[..., 1] << 4)], 1)
     else:  # IQ2_S: 32 low grid bytes, 32 sign bytes, the grid indices' 2 high bits, nibble scales
         gi = gi.reshape(s, 32)
         qh = ((gi >> 8).reshape(s, 8, 4) << torch.tensor([0, 2, 4, 6], device=dev)).sum(-1)
@@ -364,14 +381,17 @@ def _pack(fmt: QuantFormat, d: torch.Tensor, gi: torch.Tensor, signs: torch.Tens
     return torch.cat([head, body], 1).to(torch.uint8)
 
 
-def _quantize_rows(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> torch.Tensor:
+def _quantize_rows(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None) -> torch.Tensor:
     sp = _SPECS[fmt]
     tab = _tables(fmt, x.device)
     n = x.shape[1]
     sup = x.reshape(-1, QK_K)
-    sigma2 = sdiv(seq_sum(sup * sup) * sp.sigma_mul, float(QK_K))
-    qw = imatrix.to(device=x.device, dtype=torch.float32).reshape(1, n).expand(x.shape[0], -1).reshape(-1, QK_K)
-    weight = qw * torch.sqrt((sigma2[:, None] + sup * sup).double()).float()
+    if imatrix is None:  # C's no-imatrix weights (IQ3_S only: llama.cpp requires an imatrix for the others)
+        weight = sup * sup
+    else:
+        sigma2 = sdiv(seq_sum(sup * sup) * sp.sigma_mul, float(QK_K))
+        qw = imatrix.to(device=x.device, dtype=torch.float32).reshape(1, n).expand(x.shape[0], -1).reshape(-1, QK_K)
+        weight = qw * torch.sqrt((sigma2[:, None] + sup * sup).double()).float()
     scale, gi, signs = _quantize_blocks(sup.reshape(-1, sp.block), weight.reshape(-1, sp.block), sp, tab)
     scales = scale.reshape(-1, QK_K // sp.block)
     max_scale = scales.amax(1)
@@ -386,17 +406,18 @@ def _quantize_rows(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> 
         return torch.where(live[:, None], t, torch.zeros_like(t))
 
     stored_d = torch.where(live, d * _f32(sp.d_fudge), torch.zeros_like(d))  # `d * 1.0125f` for IQ3_XXS etc.
-    return _pack(fmt, stored_d, alive(gi), alive(signs), alive(ls))
+    dead = sup.reshape(-1, sp.block).abs().amax(1) == 0
+    return _pack(fmt, stored_d, alive(gi), alive(signs), alive(ls), dead)
 
 
 def quantize_iqgrid(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize ``x`` ``[rows, n]`` to IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS blocks, as ``ggml_quantize_chunk`` would.
+    """Quantize ``x`` ``[rows, n]`` to IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS / IQ3_S blocks, as ``ggml_quantize_chunk`` would.
 
     Args:
         x: float32 ``[rows, n]``, ``n`` a multiple of 256.
         fmt: one of :data:`GRID_FORMATS`.
-        imatrix: ``[n]`` importance weights, or None for uniform ones (``dq`` quantizes these types with
-            ones when a tensor has no imatrix; C's own no-weights branches are not ported).
+        imatrix: ``[n]`` importance weights, or None: uniform ones for the types llama.cpp quantizes only with
+            an imatrix (as ``dq`` does), C's own ``x^2`` weights for IQ3_S, which libggml quantizes without.
 
     Returns:
         uint8 ``[rows * n / 256, type_size]`` on ``x.device``: the tensor's GGUF payload.
@@ -407,7 +428,10 @@ def quantize_iqgrid(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | N
     if n % QK_K:
         raise ValueError(f"row length {n} is not a multiple of {fmt}'s block size {QK_K}")
     x = x.to(torch.float32)
-    im = torch.ones(n, dtype=torch.float32, device=x.device) if imatrix is None else imatrix.reshape(-1)
+    if imatrix is not None:
+        im = imatrix.reshape(-1)
+    else:
+        im = torch.ones(n, dtype=torch.float32, device=x.device) if FORMATS[fmt].needs_imatrix else None
     step = max(1, _CHUNK_ELEMENTS.get(x.device.type, 1 << 24) // (n * len(_SPECS[fmt].trials)))
     parts = [_quantize_rows(x[r : r + step], fmt, im) for r in range(0, rows, step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,4 +1,4 @@
-"""The torch port of the IQ lattice quantizers (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS) writes libggml's bytes."""
+"""The torch port of the IQ lattice quantizers (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) writes libggml's bytes."""
 
 import numpy as np
 import pytest
@@ -45,18 +45,26 @@ def test_bytes_equal_ggml_quantize_chunk(fmt, imatrix, shape):
 @pytest.mark.parametrize("fmt", GRID_FORMATS, ids=str)
 def test_quant_error_is_libggml_round_trip(fmt):
     """``quant_error`` (what ``dq analyze --device cuda`` measures) = the error of llama.cpp's stored tensor,
-    with the imatrix, and with uniform weights when there is none (as ``dq`` quantizes then)."""
+    with the imatrix, and without one as ``dq`` quantizes then: uniform weights, or (IQ3_S) libggml's own ``x^2``."""
     w = _weights(5, 512, seed=3)
     im = _imatrix(512, 4, zeros=False)
     for imt in (im, None):
-        stored = libggml.quantize(w, fmt, np.ones(512, np.float32) if imt is None else imt)
+        stored = libggml.quantize(w, fmt, np.ones(512, np.float32) if imt is None and FORMATS[fmt].needs_imatrix
+                                  else imt)
         truth = error_sums(torch.from_numpy(w), torch.from_numpy(libggml.dequantize(stored, fmt, w.shape)),
                            None if imt is None else torch.from_numpy(imt))
         got = quant_error(torch.from_numpy(w), fmt, None if imt is None else torch.from_numpy(imt),
                           imatrix_quantizer=True, return_dequantized=True)
         assert all(torch.equal(got[k], truth[k]) for k in truth)
-        assert torch.equal(got["deq"], fake_quant_iqgrid(torch.from_numpy(w), fmt, torch.from_numpy(
-            np.ones(512, np.float32) if imt is None else imt)))
+        assert torch.equal(got["deq"], fake_quant_iqgrid(torch.from_numpy(w), fmt,
+                                                         None if imt is None else torch.from_numpy(imt)))
+
+
+def test_iq3_s_without_imatrix_weights_by_x_squared():
+    """IQ3_S is the one lattice type llama.cpp quantizes without an imatrix (weights ``x^2``); the port follows."""
+    w = _weights(6, 512, seed=9)
+    want = np.frombuffer(libggml.quantize(w, QuantFormat.IQ3_S), np.uint8).reshape(-1, 110)
+    np.testing.assert_array_equal(quantize_iqgrid(torch.from_numpy(w), QuantFormat.IQ3_S).numpy(), want)
 
 
 def test_rejects_misaligned_rows_and_other_types():
