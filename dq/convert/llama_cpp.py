@@ -33,12 +33,18 @@ def _is_converter_dir(path: Path) -> bool:
     return (path / "convert_hf_to_gguf.py").is_file() and (path / "gguf-py" / "gguf").is_dir()
 
 
+def _lacks_conversion_package(path: Path) -> bool:
+    """The script imports its sibling ``conversion/`` package (as the pinned version does) but the folder is absent."""
+    script = (path / "convert_hf_to_gguf.py").read_text(encoding="utf-8", errors="replace")
+    return "from conversion import" in script and not (path / "conversion").is_dir()
+
+
 def _how_to_fix() -> str:
     return (
         f"dq needs llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist. "
         f"On a machine with PyPI access run `pip download --no-deps --no-binary :all: "
         f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} -d DIR` and set DQ_LLAMA_CPP_SDIST=DIR/{_SDIST_NAME}, "
-        f"or set DQ_LLAMA_CPP_DIR to a llama.cpp checkout that has convert_hf_to_gguf.py and gguf-py/"
+        f"or set DQ_LLAMA_CPP_DIR to a llama.cpp checkout that has convert_hf_to_gguf.py, conversion/ and gguf-py/"
     )
 
 
@@ -79,6 +85,11 @@ def converter_dir(cache: Path | None = None) -> Path:
         if not _is_converter_dir(path):
             raise ConverterUnavailableError(
                 f"DQ_LLAMA_CPP_DIR={override} has no convert_hf_to_gguf.py and gguf-py/. " + _how_to_fix()
+            )
+        if _lacks_conversion_package(path):
+            raise ConverterUnavailableError(
+                f"DQ_LLAMA_CPP_DIR={override}: its convert_hf_to_gguf.py imports the sibling conversion/ package, "
+                f"which is missing there; copy llama.cpp's conversion/ folder beside the script. " + _how_to_fix()
             )
         return path
     root = (cache or cache_dir()) / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION

@@ -102,3 +102,12 @@ def test_converter_unavailable_says_what_to_do(monkeypatch, tmp_path, tiny_llama
     monkeypatch.setenv("DQ_LLAMA_CPP_DIR", str(tmp_path))
     with pytest.raises(ConverterUnavailableError, match="pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36"):
         convert_hf_to_gguf(tiny_llama_dir, tmp_path / "o.gguf")
+
+
+def test_converter_dir_without_its_conversion_package_is_named(monkeypatch, tmp_path, tiny_llama_dir):
+    """A DQ_LLAMA_CPP_DIR copied without conversion/ fails before the converter runs, naming the folder."""
+    (tmp_path / "gguf-py" / "gguf").mkdir(parents=True)
+    (tmp_path / "convert_hf_to_gguf.py").write_text("from conversion import (\n    ModelBase,\n)\n")
+    monkeypatch.setenv("DQ_LLAMA_CPP_DIR", str(tmp_path))
+    with pytest.raises(ConverterUnavailableError, match="conversion/ package, which is missing"):
+        convert_hf_to_gguf(tiny_llama_dir, tmp_path / "o.gguf")
