@@ -144,18 +144,27 @@ def _snap(lv, minus, xg, wg, sg, dead, tab):
     return gi, off
 
 
-def _quantize_rows(x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
-    dev = x.device
-    tab = tables_on(lattice_tables(QuantFormat.IQ1_S, 8, 2, 3, 43692, 3), dev)
+def _prepare(x: torch.Tensor, imatrix: torch.Tensor, block: int, eps: float):
+    """Step 1 for rows ``x``: ``(grid tables, blocks xb [B, block], weights, dead [B], sorted xb, sort order)``.
+
+    Weights ``qw * sqrt(2 sum(x^2)/256 + x^2)``; a block is dead when ``max |x| < eps``; the sort is stable
+    (glibc's merge-sort ``qsort``). IQ1_M shares IQ1_S's grid.
+    """
+    tab = tables_on(lattice_tables(QuantFormat.IQ1_S, 8, 2, 3, 43692, 3), x.device)
     n = x.shape[1]
     sup = x.reshape(-1, QK_K)
     sigma2 = sdiv(seq_sum(sup * sup) * 2.0, float(QK_K))
-    qw = imatrix.to(device=dev, dtype=torch.float32).reshape(1, n).expand(x.shape[0], -1).reshape(-1, QK_K)
-    weight = (qw * torch.sqrt((sigma2[:, None] + sup * sup).double()).float()).reshape(-1, _BLOCK)
-    xb = sup.reshape(-1, _BLOCK)
-    b = xb.shape[0]
-    dead = xb.abs().amax(1) < _EPS
+    qw = imatrix.to(device=x.device, dtype=torch.float32).reshape(1, n).expand(x.shape[0], -1).reshape(-1, QK_K)
+    weight = (qw * torch.sqrt((sigma2[:, None] + sup * sup).double()).float()).reshape(-1, block)
+    xb = sup.reshape(-1, block)
     xs, idx = torch.sort(xb, dim=1, stable=True)
+    return tab, xb, weight, xb.abs().amax(1) < eps, xs, idx
+
+
+def _quantize_rows(x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
+    dev = x.device
+    tab, xb, weight, dead, xs, idx = _prepare(x, imatrix, _BLOCK, _EPS)
+    b = xb.shape[0]
     scale, i1, i2, shift, found = _split_search(xs, weight.gather(1, idx))
     dead = dead | ~found
     pos = torch.arange(_BLOCK, device=dev)
@@ -237,16 +246,8 @@ def _split_search_m(xs: torch.Tensor, ws: torch.Tensor, second: torch.Tensor):
 
 def _quantize_rows_m(x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
     dev = x.device
-    tab = tables_on(lattice_tables(QuantFormat.IQ1_S, 8, 2, 3, 43692, 3), dev)  # IQ1_M shares IQ1_S's grid
-    n = x.shape[1]
-    sup = x.reshape(-1, QK_K)
-    sigma2 = sdiv(seq_sum(sup * sup) * 2.0, float(QK_K))
-    qw = imatrix.to(device=dev, dtype=torch.float32).reshape(1, n).expand(x.shape[0], -1).reshape(-1, QK_K)
-    weight = (qw * torch.sqrt((sigma2[:, None] + sup * sup).double()).float()).reshape(-1, _BLOCK_M)
-    xb = sup.reshape(-1, _BLOCK_M)
+    tab, xb, weight, dead, xs, idx = _prepare(x, imatrix, _BLOCK_M, _EPS_M)
     b = xb.shape[0]
-    dead = xb.abs().amax(1) < _EPS_M
-    xs, idx = torch.sort(xb, dim=1, stable=True)
     scale, i1, i2, k, found = _split_search_m(xs, weight.gather(1, idx), idx >= _BLOCK_M // 2)
     dead = dead | ~found
     pos = torch.arange(_BLOCK_M, device=dev)
@@ -294,6 +295,18 @@ def _quantize_rows_m(x: torch.Tensor, imatrix: torch.Tensor) -> torch.Tensor:
     return out.to(torch.uint8)
 
 
+def _in_chunks(x: torch.Tensor, imatrix: torch.Tensor | None, fmt: QuantFormat, rows_fn) -> torch.Tensor:
+    """``rows_fn`` over row chunks of ``x`` (uniform importance when ``imatrix`` is None), blocks concatenated."""
+    rows, n = x.shape
+    if n % QK_K:
+        raise ValueError(f"row length {n} is not a multiple of {fmt}'s block size {QK_K}")
+    x = x.to(torch.float32)
+    im = torch.ones(n, dtype=torch.float32, device=x.device) if imatrix is None else imatrix.reshape(-1)
+    step = max(1, _CHUNK_ELEMENTS.get(x.device.type, 1 << 16) // n)
+    parts = [rows_fn(x[r : r + step], im) for r in range(0, rows, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def quantize_iq1_s(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize ``x`` ``[rows, n]`` to IQ1_S blocks, as ``ggml_quantize_chunk`` would.
 
@@ -304,14 +317,7 @@ def quantize_iq1_s(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torc
     Returns:
         uint8 ``[rows * n / 256, 50]`` on ``x.device``: the tensor's GGUF payload.
     """
-    rows, n = x.shape
-    if n % QK_K:
-        raise ValueError(f"row length {n} is not a multiple of IQ1_S's block size {QK_K}")
-    x = x.to(torch.float32)
-    im = torch.ones(n, dtype=torch.float32, device=x.device) if imatrix is None else imatrix.reshape(-1)
-    step = max(1, _CHUNK_ELEMENTS.get(x.device.type, 1 << 16) // n)
-    parts = [_quantize_rows(x[r : r + step], im) for r in range(0, rows, step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return _in_chunks(x, imatrix, QuantFormat.IQ1_S, _quantize_rows)
 
 
 def fake_quant_iq1_s(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,14 +338,7 @@ def quantize_iq1_m(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torc
     Returns:
         uint8 ``[rows * n / 256, 56]`` on ``x.device``.
     """
-    rows, n = x.shape
-    if n % QK_K:
-        raise ValueError(f"row length {n} is not a multiple of IQ1_M's block size {QK_K}")
-    x = x.to(torch.float32)
-    im = torch.ones(n, dtype=torch.float32, device=x.device) if imatrix is None else imatrix.reshape(-1)
-    step = max(1, _CHUNK_ELEMENTS.get(x.device.type, 1 << 16) // n)
-    parts = [_quantize_rows_m(x[r : r + step], im) for r in range(0, rows, step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return _in_chunks(x, imatrix, QuantFormat.IQ1_M, _quantize_rows_m)
 
 
 def fake_quant_iq1_m(x: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
