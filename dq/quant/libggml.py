@@ -216,6 +216,9 @@ def dequantize(data: bytes | np.ndarray, fmt: QuantFormat, shape: Sequence[int])
         fn(buf.ctypes.data + r0 * row_size, out[r0 * n_per_row :].ctypes.data_as(_F32P), (r1 - r0) * n_per_row)
 
     chunks = _row_chunks(n_rows, n_per_row, _default_threads())
-    with ThreadPoolExecutor(max_workers=_default_threads()) as pool:
-        list(pool.map(run, chunks))
+    if len(chunks) == 1:  # a small tensor: no thread pool (its start-up cost more than the conversion)
+        run(chunks[0])
+    else:
+        with ThreadPoolExecutor(max_workers=_default_threads()) as pool:
+            list(pool.map(run, chunks))
     return out.reshape(shape)
