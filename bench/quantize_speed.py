@@ -43,12 +43,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--analysis", type=Path, default=Path("bench/results/analysis/smollm2-135m"),
-                    help="a dq analyze directory for the imatrix (made with a small budget if missing)")
+    ap.add_argument("--analysis", type=Path, default=None,
+                    help="a dq analyze directory for the imatrix (default: made once with a small budget "
+                         "under $DQ_CACHE/bench/analysis/MODEL)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quantize_speed.json"))
     args = ap.parse_args()
 
     from dq.analysis.analyze import AnalyzeOptions, analyze
+    from dq.cache import cache_dir
     from dq.convert.source import source_gguf
     from dq.export.gguf_quantize import quantize_gguf
     from dq.models import resolve_model
@@ -57,6 +59,7 @@ def main() -> None:
     from dq.quant.llama_quantize import PRESETS, llama_quantize
 
     src = source_gguf(resolve_model(args.model))
+    args.analysis = args.analysis or cache_dir() / "bench" / "analysis" / args.model
     if not (args.analysis / "imatrix.gguf").is_file():
         analyze(args.model, args.analysis, AnalyzeOptions(n_tokens=2048, super_weights=False, plots=False), resume=True)
     im_path = args.analysis / "imatrix.gguf"

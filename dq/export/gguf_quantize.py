@@ -2,7 +2,8 @@
 
 The source is an unquantized GGUF from llama.cpp's converter; its metadata is copied byte for byte,
 ``general.file_type`` and the quantization keys are set as ``llama_model_quantize`` sets them, and each
-tensor is quantized with libggml's ``ggml_quantize_chunk`` (through ``dq.quant.libggml``), one tensor in
+tensor is quantized with libggml's ``ggml_quantize_chunk`` (through ``dq.quant.libggml``) on one thread
+pool for the whole file, while a writer thread writes the tensor before it: at most two tensors are in
 memory at a time. MoE expert tensors (3-D) are quantized per expert with that expert's imatrix slice,
 as llama.cpp does. The header is built first (:mod:`dq.quant.layout`), so :func:`dq.quant.layout.predict_size` is exact.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,21 +63,19 @@ def _check_imatrix(assignment: TypeAssignment, imatrix: Imatrix | None) -> None:
             raise PlanError(f"imatrix entry for {c.name} has shape {n_mat}, expected {expected}: wrong model?")
 
 
-def _payload(choice: TensorChoice, raw: np.ndarray, imatrix: Imatrix | None, n_threads: int | None) -> bytes:
+def _payload(choice: TensorChoice, raw: np.ndarray, imatrix: Imatrix | None, n_threads: int,
+             pool: ThreadPoolExecutor) -> bytes | np.ndarray:
     if choice.stored is choice.source:
-        return raw.tobytes()
-    values = libggml.dequantize(raw, choice.source, choice.shape)
-    ne0 = choice.shape[-1]
+        return raw
     weights = imatrix.weights_for(choice.name) if imatrix is not None else None
-    mats = list(values) if values.ndim == 3 else [values.reshape(-1, ne0)]  # experts: one imatrix slice each
+    experts = choice.shape[0] if len(choice.shape) == 3 else 1  # experts: one imatrix slice each
+    per = raw.nbytes // experts
     parts = []
-    for i, mat in enumerate(mats):
-        im = None if weights is None else weights[i if weights.shape[0] > 1 else 0]
-        if FORMATS[choice.stored].is_float:
-            parts.append(libggml.quantize(mat, choice.stored))
-        else:
-            parts.append(libggml.quantize(mat, choice.stored, im, n_threads=n_threads))
-    return b"".join(parts)
+    for i in range(experts):
+        im = None if weights is None or FORMATS[choice.stored].is_float else weights[i if weights.shape[0] > 1 else 0]
+        parts.append(libggml.requantize(raw[i * per:(i + 1) * per], choice.source, choice.shape[-2:], choice.stored,
+                                        im, n_threads=n_threads, pool=pool))
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def quantize_gguf(
@@ -100,7 +100,7 @@ def quantize_gguf(
         imatrix: importance matrix, required for IQ1/IQ2/IQ3_XXS types.
         imatrix_name: recorded as ``quantize.imatrix.file``.
         preset_ftype: ``general.file_type`` to record (default: from the dominant type).
-        n_threads: quantizer threads.
+        n_threads: quantizer threads (default: CPU count, at most 8).
         progress: called after each tensor with (choice, bytes written).
         tensor_cache: reuse (and keep) quantized tensor bytes across calls (:mod:`dq.export.tensor_cache`).
         split_max_bytes: write llama.cpp's split layout, shards of at most this many payload bytes
@@ -114,41 +114,63 @@ def quantize_gguf(
     writers = build_shard_writers(header, assignment, imatrix, imatrix_name, preset_ftype, split_max_bytes)
     paths = shard_paths(dst, len(writers))
     expected = sum(w.total_size() for w, _ in writers)
+    n_threads = n_threads or libggml.default_threads()
     done: list[Path] = []
-    try:
-        for (writer, idx), path in zip(writers, paths):
-            writer.open(path)
-            try:
-                for i in idx:
-                    choice, tensor = assignment.choices[i], header.tensors[i]
-                    payload = _cached_payload(choice, tensor, header, src, imatrix, n_threads, tensor_cache)
-                    writer.write_tensor(choice.name, payload)
-                    if progress is not None:
-                        progress(choice, len(payload))
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            done.append(path)
-    except BaseException:
-        for path in done:  # all shards or none
-            path.unlink(missing_ok=True)
-        raise
+    with ThreadPoolExecutor(n_threads, thread_name_prefix="dq-quant") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="dq-write") as io:
+        try:
+            for (writer, idx), path in zip(writers, paths):
+                writer.open(path)
+                pending: Future | None = None  # the previous tensor's write
+                try:
+                    for i in idx:
+                        choice, tensor = assignment.choices[i], header.tensors[i]
+                        payload = _cached_payload(choice, tensor, header, src, imatrix, n_threads, pool, tensor_cache)
+                        if pending is not None:
+                            pending.result()
+                        pending = io.submit(writer.write_tensor, choice.name, payload)
+                        if progress is not None:
+                            progress(choice, _nbytes(payload))
+                    if pending is not None:
+                        pending.result()
+                    writer.close()
+                except BaseException:
+                    if pending is not None:
+                        pending.cancel()
+                        _wait_quietly(pending)
+                    writer.abort()
+                    raise
+                done.append(path)
+        except BaseException:
+            for path in done:  # all shards or none
+                path.unlink(missing_ok=True)
+            raise
     size = sum(p.stat().st_size for p in paths)
     if size != expected:
         raise RuntimeError(f"{dst} has {size:,} bytes where its header promised {expected:,} (a bug in dq)")
     return QuantizeResult(paths[0], size, assignment, tuple(paths))
 
 
-def _cached_payload(choice: TensorChoice, tensor, header, src, imatrix: Imatrix | None, n_threads: int | None,
-                    tensor_cache: TensorCache | None) -> bytes:
+def _nbytes(payload: bytes | np.ndarray) -> int:
+    return payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+
+
+def _wait_quietly(f: Future) -> None:
+    try:
+        f.result()
+    except BaseException:  # the error being raised already says what went wrong  # noqa: BLE001
+        pass
+
+
+def _cached_payload(choice: TensorChoice, tensor, header, src, imatrix: Imatrix | None, n_threads: int,
+                    pool: ThreadPoolExecutor, tensor_cache: TensorCache | None) -> bytes | np.ndarray:
     raw = header.tensor_bytes(tensor, tensor_nbytes(choice.source, choice.shape))
     if tensor_cache is None or choice.stored is choice.source:
-        return _payload(choice, raw, imatrix, n_threads)
+        return _payload(choice, raw, imatrix, n_threads, pool)
     digest = tensor_cache.source_digest(Path(src), choice.name, raw)
     weights = imatrix.weights_for(choice.name) if imatrix is not None else None
     payload = tensor_cache.get(digest, choice.stored, weights, choice.nbytes)
     if payload is None:
-        payload = _payload(choice, raw, imatrix, n_threads)
+        payload = _payload(choice, raw, imatrix, n_threads, pool)
         tensor_cache.put(digest, choice.stored, weights, payload)
     return payload

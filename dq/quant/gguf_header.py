@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import mmap
+import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,15 @@ class GGUFHeader:
             return struct.unpack_from("<" + _SCALAR[vtype], raw, pos)[0]
         return None
 
+    @functools.cached_property
+    def _file(self):
+        return open(self.path, "rb")  # one handle for every tensor's map (opening per tensor cost ~0.2 ms each)
+
     def tensor_bytes(self, t: GGUFTensorRecord, nbytes: int) -> np.ndarray:
-        """``nbytes`` of ``t``'s payload, a read-only uint8 view of the file (nothing is read until used)."""
-        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_offset + t.offset, shape=(nbytes,))
+        """``nbytes`` of ``t``'s payload, a read-only uint8 view of the file (nothing is read until used).
+
+        Each call maps only that tensor, so its pages leave the process once the view is dropped."""
+        return np.memmap(self._file, dtype=np.uint8, mode="r", offset=self.data_offset + t.offset, shape=(nbytes,))
 
 
 class _Cursor:

@@ -160,8 +160,8 @@ class GGUFFileWriter:
         info = self._tensors[self._next]
         if name != info.name:
             raise RuntimeError(f"write_tensor({name!r}) out of order: expected {info.name!r}")
-        data = payload.tobytes() if isinstance(payload, np.ndarray) else payload
-        if len(data) != info.nbytes:
+        data = np.ascontiguousarray(payload).reshape(-1).view(np.uint8) if isinstance(payload, np.ndarray) else payload
+        if len(data) != info.nbytes:  # an array is written from its own buffer, without a copy
             raise ValueError(f"tensor {name!r} payload has {len(data)} bytes, declared {info.nbytes} ({info.fmt})")
         self._fh.write(data)
         self._fh.write(b"\0" * (padded_size(info.nbytes, self.alignment) - info.nbytes))

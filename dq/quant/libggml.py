@@ -2,7 +2,9 @@
 
 ``quantize`` wraps ``ggml_quantize_chunk`` (every GGML type, imatrix included) and ``dequantize`` wraps
 each type's ``to_float`` from ``ggml_get_type_traits``. Both are bit-exact with llama-quantize, because
-they are the same C code. ctypes releases the GIL, so row chunks run on a thread pool.
+they are the same C code. ctypes releases the GIL, so row chunks run on a thread pool: each worker takes
+the next chunk of 16K-256K weights as it finishes one, as llama-quantize's threads do. A caller that converts
+many tensors passes one ``pool`` to every call, so threads are not started and joined per tensor.
 
 Example:
     >>> import numpy as np
@@ -18,8 +20,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import numpy as np
 from dq.errors import ImatrixRequiredError
 from dq.quant.formats import FORMATS, QuantFormat, row_nbytes
 
-__all__ = ["quantize", "dequantize", "library_path", "ggml_block_size", "ggml_type_size"]
+__all__ = ["quantize", "requantize", "dequantize", "default_threads", "library_path", "ggml_block_size", "ggml_type_size"]
 
 _F32P = ctypes.POINTER(ctypes.c_float)
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, _F32P, ctypes.c_int64)
@@ -111,15 +114,42 @@ def ggml_type_size(fmt: QuantFormat) -> int:
     return int(_lib().ggml_type_size(FORMATS[fmt].ggml_id))
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """Quantizer threads when none are asked for: the CPU count, at most 8."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
 def _row_chunks(n_rows: int, n_per_row: int, n_threads: int) -> list[tuple[int, int]]:
-    # ~256K weights per task keeps threads busy without drowning small tensors in overhead.
-    rows_per = max(1, min(n_rows, (1 << 18) // max(1, n_per_row)))
-    rows_per = max(rows_per, -(-n_rows // (n_threads * 8)))
+    # ~32 chunks per thread, of 16K..256K weights: the threads finish a tensor within a small chunk of
+    # each other (a thread idle at each tensor's end is what made dq slower than llama-quantize), and
+    # the per-chunk cost of ctypes stays small
+    target = min(1 << 18, max(1 << 14, n_rows * n_per_row // (32 * n_threads)))
+    rows_per = max(1, target // max(1, n_per_row))
     return [(r, min(n_rows, r + rows_per)) for r in range(0, n_rows, rows_per)]
+
+
+def _map_chunks(run: Callable[[tuple[int, int]], object], chunks: list[tuple[int, int]], n_threads: int,
+                pool: ThreadPoolExecutor | None) -> list:
+    """``[run(c) for c in chunks]`` on ``n_threads`` workers that each take the next chunk when free."""
+    n_workers = min(n_threads, len(chunks))
+    if n_workers <= 1:
+        return [run(c) for c in chunks]
+    results: list = [None] * len(chunks)
+    ticket = itertools.count()  # next() on a count is atomic under the GIL
+
+    def worker() -> None:
+        while (i := next(ticket)) < len(chunks):
+            results[i] = run(chunks[i])
+
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(max_workers=n_workers)
+    try:
+        for f in [pool.submit(worker) for _ in range(n_workers)]:
+            f.result()
+    finally:
+        if own:
+            pool.shutdown()
+    return results
 
 
 def quantize(
@@ -128,6 +158,7 @@ def quantize(
     imatrix: np.ndarray | None = None,
     *,
     n_threads: int | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> bytes:
     """Quantize a 2-D float array with llama.cpp's ``ggml_quantize_chunk``.
 
@@ -136,6 +167,7 @@ def quantize(
         fmt: target type; ``n_per_row`` must be a multiple of its block size.
         imatrix: optional ``[n_per_row]`` importance weights (mean squared activation per input column).
         n_threads: worker threads over row chunks (default: CPU count, at most 8).
+        pool: run them on this executor (with at least ``n_threads`` workers) instead of a new one.
 
     Returns:
         The GGUF tensor payload, ``rows * row_nbytes(fmt, n_per_row)`` bytes.
@@ -149,49 +181,122 @@ def quantize(
         raise ValueError(f"quantize expects a 2-D [rows, n_per_row] array, got shape {w.shape}")
     n_rows, n_per_row = w.shape
     row_size = row_nbytes(fmt, n_per_row)
-    spec = FORMATS[fmt]
-    if spec.needs_imatrix and imatrix is None:
+    im = _checked_imatrix(fmt, imatrix, n_per_row)
+    if fmt is QuantFormat.F32:
+        return w.tobytes()
+    out = np.empty(n_rows * row_size, dtype=np.uint8)
+    quantize_rows = _row_quantizer(fmt, n_per_row, im)
+
+    def run(chunk: tuple[int, int]) -> int:
+        r0, r1 = chunk
+        return quantize_rows(w[r0:r1].ctypes.data_as(_F32P), out.ctypes.data + r0 * row_size, r1 - r0)
+
+    n_threads = n_threads or default_threads()
+    _check_written(_map_chunks(run, _row_chunks(n_rows, n_per_row, n_threads), n_threads, pool), out, fmt)
+    return out.tobytes()
+
+
+def requantize(
+    data: bytes | np.ndarray,
+    source: QuantFormat,
+    shape: Sequence[int],
+    fmt: QuantFormat,
+    imatrix: np.ndarray | None = None,
+    *,
+    n_threads: int | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> bytes:
+    """``quantize(dequantize(data, source, shape), fmt, imatrix)`` without the whole float32 tensor.
+
+    Each row chunk is converted to float32 and quantized by the same worker while it is in its cache;
+    no step waits for the whole tensor, and only a chunk per thread of float32 exists at a time.
+    The bytes are those of ``quantize`` (the same C calls on the same rows).
+
+    Args:
+        data: the ``source`` payload of a ``[rows, n_per_row]`` tensor (``shape``'s last dimension is the row).
+        source: its GGML type (BF16/F16/F32 from the converter, or any type with a ``to_float``).
+        shape: the tensor's shape; all but the last dimension are rows.
+        fmt, imatrix, n_threads, pool: as for :func:`quantize`.
+    """
+    shape = tuple(int(d) for d in shape)
+    n_per_row = shape[-1]
+    n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    buf = _payload_buffer(data, source, n_rows, n_per_row)
+    row_size = row_nbytes(fmt, n_per_row)
+    im = _checked_imatrix(fmt, imatrix, n_per_row)
+    if fmt is QuantFormat.F32:
+        return dequantize(buf, source, shape, n_threads=n_threads, pool=pool).tobytes()
+    src_row = buf.nbytes // n_rows
+    out = np.empty(n_rows * row_size, dtype=np.uint8)
+    to_float = None if source is QuantFormat.F32 else _to_float(source)
+    quantize_rows = _row_quantizer(fmt, n_per_row, im)
+
+    def run(chunk: tuple[int, int]) -> int:
+        r0, r1 = chunk
+        if to_float is None:
+            src = ctypes.cast(buf.ctypes.data + r0 * src_row, _F32P)
+        else:
+            tmp = np.empty((r1 - r0) * n_per_row, dtype=np.float32)
+            to_float(buf.ctypes.data + r0 * src_row, tmp.ctypes.data_as(_F32P), tmp.size)
+            src = tmp.ctypes.data_as(_F32P)
+        return quantize_rows(src, out.ctypes.data + r0 * row_size, r1 - r0)
+
+    n_threads = n_threads or default_threads()
+    _check_written(_map_chunks(run, _row_chunks(n_rows, n_per_row, n_threads), n_threads, pool), out, fmt)
+    return out.tobytes()
+
+
+def _checked_imatrix(fmt: QuantFormat, imatrix: np.ndarray | None, n_per_row: int) -> np.ndarray | None:
+    if FORMATS[fmt].needs_imatrix and imatrix is None:
         raise ImatrixRequiredError(
             f"{fmt} needs an importance matrix (llama.cpp refuses it without one); pass --imatrix FILE "
             f"(from `dq analyze` or llama-imatrix) or choose a type that does not need one, e.g. Q2_K"
         )
-    im = None
-    if imatrix is not None:
-        im = np.ascontiguousarray(imatrix, dtype=np.float32)
-        if im.shape != (n_per_row,):
-            raise ValueError(f"imatrix has shape {im.shape}, expected ({n_per_row},) for rows of {n_per_row}")
-    out = np.empty(n_rows * row_size, dtype=np.uint8)
-    if spec.is_float and fmt is QuantFormat.F32:
-        return w.tobytes()
+    if imatrix is None:
+        return None
+    im = np.ascontiguousarray(imatrix, dtype=np.float32)
+    if im.shape != (n_per_row,):
+        raise ValueError(f"imatrix has shape {im.shape}, expected ({n_per_row},) for rows of {n_per_row}")
+    return im
+
+
+def _row_quantizer(fmt: QuantFormat, n_per_row: int, im: np.ndarray | None) -> Callable[..., int]:
+    """``f(src_f32_ptr, dst_address, n_rows) -> bytes written``: ggml_quantize_chunk for whole rows."""
     _init_type(fmt)
-    lib = _lib()
+    lib, ggml_id = _lib(), FORMATS[fmt].ggml_id
     im_ptr = im.ctypes.data_as(_F32P) if im is not None else None
 
-    def run(chunk: tuple[int, int]) -> int:
-        r0, r1 = chunk
-        src = w[r0:r1].ctypes.data_as(_F32P)
-        dst = out.ctypes.data + r0 * row_size
-        return lib.ggml_quantize_chunk(spec.ggml_id, src, dst, 0, r1 - r0, n_per_row, im_ptr)
+    def quantize_rows(src, dst: int, n_rows: int) -> int:
+        return lib.ggml_quantize_chunk(ggml_id, src, dst, 0, n_rows, n_per_row, im_ptr)
 
-    chunks = _row_chunks(n_rows, n_per_row, n_threads or _default_threads())
-    if len(chunks) == 1:
-        written = [run(chunks[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=n_threads or _default_threads()) as pool:
-            written = list(pool.map(run, chunks))
+    return quantize_rows
+
+
+def _check_written(written: list[int], out: np.ndarray, fmt: QuantFormat) -> None:
     if sum(written) != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {sum(written):,} bytes of {fmt}, expected {out.nbytes:,}: "
                            f"is the installed llama-cpp-python the pinned 0.3.36?")
-    return out.tobytes()
 
 
-def dequantize(data: bytes | np.ndarray, fmt: QuantFormat, shape: Sequence[int]) -> np.ndarray:
+def _payload_buffer(data: bytes | np.ndarray, fmt: QuantFormat, n_rows: int, n_per_row: int) -> np.ndarray:
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    buf = np.ascontiguousarray(buf.reshape(-1).view(np.uint8))
+    expected = n_rows * row_nbytes(fmt, n_per_row)
+    if buf.nbytes != expected:
+        raise ValueError(f"{fmt} payload has {buf.nbytes} bytes, expected {expected} for {n_rows} rows of {n_per_row}")
+    return buf
+
+
+def dequantize(data: bytes | np.ndarray, fmt: QuantFormat, shape: Sequence[int], *,
+               n_threads: int | None = None, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
     """Dequantize a GGUF tensor payload with the type's ``to_float`` from libggml.
 
     Args:
         data: the raw payload (``bytes`` or a uint8 array, e.g. a GGUFReader tensor's ``data``).
         fmt: its GGML type.
         shape: numpy shape of the float tensor (last dimension is the row length).
+        n_threads: worker threads over row chunks (default: CPU count, at most 8).
+        pool: run them on this executor instead of a new one.
 
     Returns:
         float32 array of ``shape``.
@@ -215,10 +320,6 @@ def dequantize(data: bytes | np.ndarray, fmt: QuantFormat, shape: Sequence[int])
         r0, r1 = chunk
         fn(buf.ctypes.data + r0 * row_size, out[r0 * n_per_row :].ctypes.data_as(_F32P), (r1 - r0) * n_per_row)
 
-    chunks = _row_chunks(n_rows, n_per_row, _default_threads())
-    if len(chunks) == 1:  # a small tensor: no thread pool (its start-up cost more than the conversion)
-        run(chunks[0])
-    else:
-        with ThreadPoolExecutor(max_workers=_default_threads()) as pool:
-            list(pool.map(run, chunks))
+    n_threads = n_threads or default_threads()
+    _map_chunks(run, _row_chunks(n_rows, n_per_row, n_threads), n_threads, pool)
     return out.reshape(shape)

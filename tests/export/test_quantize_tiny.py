@@ -79,6 +79,25 @@ def test_interrupted_write_leaves_nothing(tiny_bf16_gguf, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_background_write_stops_the_file_and_leaves_nothing(tiny_bf16_gguf, tmp_path, monkeypatch):
+    """Tensors are written on a writer thread while the next one quantizes; its error must surface."""
+    from dq.quant.gguf_writer import GGUFFileWriter
+
+    real, calls = GGUFFileWriter.write_tensor, []
+
+    def flaky(self, name, payload):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(self, name, payload)
+
+    monkeypatch.setattr(GGUFFileWriter, "write_tensor", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        quantize_gguf(tiny_bf16_gguf, tmp_path / "m.gguf", assign_preset(tiny_bf16_gguf, "Q4_K_M"))
+    assert list(tmp_path.iterdir()) == []
+    assert len(calls) <= 4  # the failure is noticed at the next tensor, not at the end of the file
+
+
 def test_cli_dry_run_size_equals_written_size(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "m.gguf"
     assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--type", "Q4_K_M", "--dry-run", "--json"]) == 0
@@ -113,7 +132,7 @@ def test_tensor_cache_gives_llama_cpp_bytes_and_skips_requantizing(tiny_bf16_ggu
     def no_quantizing(*a, **k):
         raise AssertionError("a cached tensor was quantized again")
 
-    monkeypatch.setattr(libggml, "quantize", no_quantizing)
+    monkeypatch.setattr(libggml, "requantize", no_quantizing)
     again = quantize_gguf(tiny_bf16_gguf, tmp_path / "b.gguf", assignment, imatrix=imatrix,
                           preset_ftype=PRESETS["IQ2_XXS"], tensor_cache=TensorCache(tmp_path / "cache"))
     assert again.path.read_bytes() == first.path.read_bytes()

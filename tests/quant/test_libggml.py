@@ -70,8 +70,21 @@ def test_imatrix_is_used_and_lowers_weighted_error():
 
 
 def test_threads_do_not_change_bytes():
-    w = _weights(300, 1024)
+    w = _weights(300, 1024)  # five row chunks
     assert libggml.quantize(w, QuantFormat.IQ4_XS, n_threads=1) == libggml.quantize(w, QuantFormat.IQ4_XS, n_threads=4)
+
+
+def test_a_shared_pool_gives_the_same_bytes_and_stays_usable():
+    from concurrent.futures import ThreadPoolExecutor
+
+    w, im = _weights(300, 1024), _imatrix(1024)
+    one = libggml.quantize(w, QuantFormat.IQ2_XS, im, n_threads=1)
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(2):  # the pool is not shut down by a call
+            blob = libggml.quantize(w, QuantFormat.IQ2_XS, im, n_threads=3, pool=pool)
+            assert blob == one
+            back = libggml.dequantize(blob, QuantFormat.IQ2_XS, w.shape, n_threads=3, pool=pool)
+            np.testing.assert_array_equal(back, libggml.dequantize(one, QuantFormat.IQ2_XS, w.shape, n_threads=1))
 
 
 def test_shape_errors_are_clear():
@@ -89,3 +102,15 @@ def test_shape_errors_are_clear():
 def test_bytes_identical_to_gguf_py_at_any_shape(rows, blocks, seed, scale, name):
     w = (np.random.default_rng(seed).standard_normal((rows, 32 * blocks)) * scale).astype(np.float32)
     assert libggml.quantize(w, QuantFormat(name)) == quants.quantize(w, GGMLQuantizationType[name]).tobytes()
+
+
+@pytest.mark.parametrize("source", [QuantFormat.BF16, QuantFormat.F16, QuantFormat.F32, QuantFormat.Q8_0])
+@pytest.mark.parametrize("target", [QuantFormat.IQ2_XS, QuantFormat.Q4_K, QuantFormat.F16, QuantFormat.F32])
+def test_requantize_equals_quantize_of_the_dequantized_tensor(source, target):
+    """The writer converts and quantizes chunk by chunk; the bytes must be those of the two whole-tensor steps."""
+    w, im = _weights(301, 512), _imatrix(512)  # rows not a multiple of any chunk
+    raw = libggml.quantize(w, source)
+    whole = libggml.dequantize(raw, source, w.shape)
+    imx = None if FORMATS[target].is_float else im
+    want = libggml.quantize(whole, target, imx, n_threads=1)
+    assert libggml.requantize(raw, source, w.shape, target, imx, n_threads=3) == want
