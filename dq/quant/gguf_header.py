@@ -18,8 +18,8 @@ Example:
 
 from __future__ import annotations
 
-import mmap
 import functools
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
