@@ -3,9 +3,9 @@
 Dequantization follows ``dequantize_row_*`` in ggml-quants.c with products in ggml's order, so the
 output is bit-exact. Most types run elementwise (each lane decodes one weight; neighbouring lanes re-read
 the block header from L1). Q2_K to Q6_K, TQ1_0 and IQ4_XS, whose headers cost several byte loads per weight,
-run as ``[blocks, sub-blocks, weights]`` tiles that decode each sub-block's scale once.
-Types without a kernel here (IQ2_*, IQ3_*, IQ1_*) are dequantized by the torch reference, which also
-runs on the GPU.
+run as ``[blocks, sub-blocks, weights]`` tiles that decode each sub-block's scale once. The IQ lattice
+types (IQ2_*, IQ3_*, IQ1_*) run as ``[blocks, grid points, weights]`` tiles in
+:mod:`dq.kernels._triton_iqdequant`, to which :func:`dequantize_triton` dispatches.
 
 This module imports Triton at import time; :mod:`dq.kernels.api` imports it only when asked to.
 """
@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dq.kernels._triton_iqdequant import IQ_DEQUANT_FORMATS, dequantize_iq_triton
 from dq.kernels.ref_dequant import KVALUES_IQ4NL, KVALUES_MXFP4
 from dq.quant.formats import FORMATS, QuantFormat
 
@@ -29,7 +30,7 @@ _KIND = {
     QuantFormat.TQ2_0: 10, QuantFormat.IQ4_NL: 11, QuantFormat.IQ4_XS: 12, QuantFormat.MXFP4: 13,
     QuantFormat.TQ1_0: 14,
 }
-TRITON_DEQUANT_FORMATS = tuple(_KIND)
+TRITON_DEQUANT_FORMATS = tuple(_KIND) + IQ_DEQUANT_FORMATS
 
 
 @triton.jit
@@ -193,12 +194,15 @@ def dequantize_triton(data: torch.Tensor, fmt: QuantFormat, n_elem: int, dtype: 
         fmt: one of :data:`TRITON_DEQUANT_FORMATS`.
         n_elem: number of weights in the payload.
         dtype: float32 or bfloat16 output.
-        tile: blocks per program (the K-quants, TQ1_0) or weights per program (the rest); tuning only.
+        tile: blocks per program (the K-quants, TQ1_0, IQ4_XS and the IQ lattice types) or weights per
+            program (the rest); tuning only.
         num_warps: warps per program; tuning only.
 
     Returns:
         flat ``[n_elem]`` tensor of ``dtype`` on ``data.device``.
     """
+    if fmt in IQ_DEQUANT_FORMATS:
+        return dequantize_iq_triton(data, fmt, n_elem, dtype, tile=tile, num_warps=num_warps)
     spec = FORMATS[fmt]
     out = torch.empty(n_elem, device=data.device, dtype=dtype)
     if fmt in _SUB:

@@ -121,7 +121,7 @@ def quant_error(
         )
     if imatrix is not None and tuple(imatrix.shape) != (weight.shape[1],):
         raise ValueError(f"imatrix has shape {tuple(imatrix.shape)}, expected ({weight.shape[1]},)")
-    if f in LATTICE_FORMATS:  # the lattice searches run as torch ops on the tensor's device (no Triton kernel yet)
+    if f in LATTICE_FORMATS:  # the lattice searches run as torch ops on the tensor's device (no fused Triton kernel)
         from dq.kernels.ref_iq1 import fake_quant_iq1_m, fake_quant_iq1_s
         from dq.kernels.ref_iqgrid import fake_quant_iqgrid
         from dq.kernels.ref_quant import error_sums
@@ -165,7 +165,8 @@ def dequantize(
         fmt: its GGML type; every type in ``FORMATS`` is supported.
         shape: numpy shape of the result (last dim is the row length).
         dtype: ``torch.float32`` or ``torch.bfloat16``.
-        backend: ``auto``, ``triton`` or ``torch``; IQ2/IQ3/IQ1 types always use the torch reference.
+        backend: ``auto``, ``triton`` or ``torch``; every quantized type has a Triton kernel (the IQ2/IQ3/IQ1
+            lattice types in :mod:`dq.kernels._triton_iqdequant`), F32/F16/BF16 convert through torch.
 
     Returns:
         tensor of ``shape`` and ``dtype`` on ``data.device``.
@@ -191,11 +192,14 @@ def dequantize(
     return ref_dequant.dequantize(data, f, shape, dtype)
 
 
-# Types with a Triton dequant kernel (mirrors _triton_dequant._KIND, so listing needs no Triton import).
+# Types with a Triton dequant kernel (mirrors _triton_dequant.TRITON_DEQUANT_FORMATS: its _KIND, then
+# _triton_iqdequant's lattice types), so listing needs no Triton import.
 TRITON_DEQUANT_FORMATS: tuple[QuantFormat, ...] = (
     QuantFormat.Q8_0, QuantFormat.Q4_0, QuantFormat.Q4_1, QuantFormat.Q5_0, QuantFormat.Q5_1,
     QuantFormat.Q2_K, QuantFormat.Q3_K, QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K,
     QuantFormat.TQ2_0, QuantFormat.IQ4_NL, QuantFormat.IQ4_XS, QuantFormat.MXFP4, QuantFormat.TQ1_0,
+    QuantFormat.IQ2_XXS, QuantFormat.IQ2_XS, QuantFormat.IQ2_S, QuantFormat.IQ3_XXS, QuantFormat.IQ3_S,
+    QuantFormat.IQ1_S, QuantFormat.IQ1_M,
 )
 
 

@@ -60,7 +60,7 @@ def test_dequant_kernels_bit_exact_vs_libggml(fmt):
     raw = libggml.quantize(w, fmt, imatrix)
     want = libggml.dequantize(raw, fmt, w.shape)
     data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(DEV)
-    backend = "triton" if fmt in TRITON_DEQUANT_FORMATS else "auto"  # IQ2/IQ3/IQ1: torch reference
+    backend = "triton" if fmt in TRITON_DEQUANT_FORMATS else "auto"  # F32/F16/BF16: torch
     got = dequantize(data, fmt, w.shape, backend=backend)
     np.testing.assert_array_equal(got.cpu().numpy().view(np.uint32), want.view(np.uint32))
     bf = dequantize(data, fmt, w.shape, torch.bfloat16, backend=backend).cpu()
