@@ -3,11 +3,14 @@
 For each shape and type: the fused error kernel (reads fp32 weights once), the dequant kernel (reads
 the GGUF bytes, writes bf16), and the CPU path ``libggml.quantize`` + ``libggml.dequantize`` (the
 error needs both) timed in the same run. IQ3_XXS, IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_S and IQ1_M (``--types``)
-have no single Triton kernel: their "err" column is the torch port of the lattice search run on the GPU
-(``dq.kernels.ref_iqgrid``, ``dq.kernels.ref_iq1``, its sequential loops as Triton kernels), timed eagerly. Bytes moved / kernel time gives GB/s, compared with the
-H100 SXM HBM3 peak (3.35 TB/s).
+have no single Triton error kernel: their "err" column is the torch port of the lattice search run on the GPU
+(``dq.kernels.ref_iqgrid``, ``dq.kernels.ref_iq1``, its sequential loops as Triton kernels), timed eagerly;
+their "deq" column is the Triton kernel of ``dq.kernels._triton_iqdequant``, as for every type in
+``TRITON_DEQUANT_FORMATS``. Bytes moved / kernel time gives GB/s, compared with the HBM bandwidth measured
+in the same run.
 
 Usage: python bench/kernels.py [--out bench/results/kernels.json] [--shapes 4096x4096,4096x14336]
+       python bench/kernels.py --types IQ2_XXS,IQ2_XS,IQ2_S,IQ3_XXS,IQ3_S,IQ1_S,IQ1_M --cpu-rows 64
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ def main() -> int:
         w = w_cpu.cuda()
         im = torch.rand(cols, device="cuda") + 0.1
         for fmt in types:
-            # the IQ lattice types run as torch ops on the GPU (no Triton kernel; their syncs rule out graphs)
+            # the IQ lattice searches run as torch ops on the GPU (no fused Triton kernel; their syncs rule out graphs)
             grid = fmt in LATTICE_FORMATS
             be, reps = ("torch", 3) if grid else ("triton", 20)
             t_err = gpu_time(lambda: quant_error(w, fmt, im, backend=be), reps, graph=not grid)
