@@ -3,7 +3,7 @@
 ``dq eval QUANT.gguf --base HF_DIR --device cuda`` runs here. The model is the base's transformers class,
 built on the meta device (:class:`~dq.analysis.loader.ModelSkeleton`); each parameter is read from the GGUF
 (gguf-py's memory-mapped reader, one tensor at a time), dequantized on ``device`` by
-:func:`dq.kernels.api.dequantize` (Triton for the legacy and K types, the torch reference for the IQ types),
+:func:`dq.kernels.api.dequantize` (a Triton kernel for every GGML type on CUDA, the torch reference on the CPU),
 and put back into the layout the converter changed, in float32. The GGUF's name for each parameter is dq's
 own (:class:`~dq.analysis.names.NameMapper`, checked against the file: a parameter with no tensor, or a
 tensor of another size, is an error before anything is computed).
