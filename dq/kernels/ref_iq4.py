@@ -15,6 +15,8 @@ The trials run at once as an extra dimension; the 32-term sums are accumulated i
 comparison is decided on the same float32 value as in libggml (``tests/kernels/test_ref_iq4.py`` checks
 the round trip bit for bit against ``ggml_quantize_chunk`` + ``to_float``, with and without imatrix). It
 runs on any torch device: on CUDA it is how ``dq analyze --device cuda`` measures these two types.
+:func:`iq4_blocks` returns the blocks' fields (fp16 scales, 6-bit scale bytes, table indices) that
+:mod:`dq.kernels.ref_pack` writes as GGUF bytes.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import torch
 
 from dq.kernels.ref_dequant import KVALUES_IQ4NL
 from dq.kernels.ref_kquant import GROUP_MAX_EPS
-from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv, seq_sum
+from dq.kernels.ref_quant import QBlocks, first_absmax, fp16_round, nearest_int, rdiv, sdiv, seq_sum
 from dq.quant.formats import QuantFormat
 
-__all__ = ["IQ4_FORMATS", "fake_quant_iq4"]
+__all__ = ["IQ4_FORMATS", "fake_quant_iq4", "iq4_blocks"]
 
 IQ4_FORMATS = (QuantFormat.IQ4_NL, QuantFormat.IQ4_XS)
 _NTRY = 7  # ggml_quantize_chunk's quantize_iq4_nl / quantize_iq4_xs both search itry = -7..7
@@ -70,6 +72,15 @@ def _block_scales(xb: torch.Tensor, w: torch.Tensor, values: torch.Tensor) -> to
     return torch.where(flat, torch.zeros_like(d), d)
 
 
+def _check(x: torch.Tensor, fmt: QuantFormat) -> int:
+    if fmt not in IQ4_FORMATS:
+        raise ValueError(f"the IQ4 port handles {[f.value for f in IQ4_FORMATS]}, not {fmt}")
+    sb = 256 if fmt is QuantFormat.IQ4_XS else _BLOCK
+    if x.shape[1] % sb:
+        raise ValueError(f"row length {x.shape[1]} is not a multiple of {fmt}'s block size {sb}")
+    return sb
+
+
 def fake_quant_iq4(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize ``x`` ``[rows, n]`` as libggml's IQ4_NL / IQ4_XS quantizer would.
 
@@ -81,19 +92,29 @@ def fake_quant_iq4(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | No
     Returns:
         float32 ``[rows, n]``, bit-identical to ``to_float(ggml_quantize_chunk(x, imatrix))``.
     """
-    if fmt not in IQ4_FORMATS:
-        raise ValueError(f"fake_quant_iq4 handles {[f.value for f in IQ4_FORMATS]}, not {fmt}")
-    sb = 256 if fmt is QuantFormat.IQ4_XS else _BLOCK
+    sb = _check(x, fmt)
     rows, n = x.shape
-    if n % sb:
-        raise ValueError(f"row length {n} is not a multiple of {fmt}'s block size {sb}")
     step = max(1, _CHUNK_ELEMENTS // n)  # the 16 trial scales make 16 temporaries of the chunk's size
-    if rows > step:
-        return torch.cat([_fake_quant_rows(x[r : r + step], fmt, sb, imatrix) for r in range(0, rows, step)])
-    return _fake_quant_rows(x, fmt, sb, imatrix)
+    parts = [_iq4_rows(x[r : r + step], fmt, sb, imatrix).dequantize().reshape(-1, n) for r in range(0, rows, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _fake_quant_rows(x: torch.Tensor, fmt: QuantFormat, sb: int, imatrix: torch.Tensor | None) -> torch.Tensor:
+def iq4_blocks(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor | None = None) -> QBlocks:
+    """The fields of the IQ4_NL / IQ4_XS blocks libggml writes for ``x`` ``[rows, n]`` (``quantize_row_iq4_nl_impl``).
+
+    Args:
+        x: float32 ``[rows, n]``; keep ``rows * n`` moderate (the search holds 16 trial copies of ``x``).
+        fmt: ``IQ4_NL`` or ``IQ4_XS``.
+        imatrix: optional ``[n]`` importance weights.
+
+    Returns:
+        :class:`~dq.kernels.ref_quant.QBlocks`: ``d``, the table index of every weight, and for IQ4_XS the
+        six scale bytes (``scales_h`` little-endian, ``scales_l``) with the per-32 dequant scales.
+    """
+    return _iq4_rows(x, fmt, _check(x, fmt), imatrix)
+
+
+def _iq4_rows(x: torch.Tensor, fmt: QuantFormat, sb: int, imatrix: torch.Tensor | None) -> QBlocks:
     rows, n = x.shape
     values = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=x.device)
     sup = x.reshape(-1, sb)  # super-blocks, in row order
@@ -105,11 +126,11 @@ def _fake_quant_rows(x: torch.Tensor, fmt: QuantFormat, sb: int, imatrix: torch.
         w = qw.reshape(-1, sb) * torch.sqrt((sigma2[:, None] + sup * sup).double()).float()
     xb = sup.reshape(-1, _BLOCK)
     scales = _block_scales(xb, w.reshape(-1, _BLOCK), values)  # [nblocks]
-    if fmt is QuantFormat.IQ4_NL:
+    if fmt is QuantFormat.IQ4_NL:  # `dh[0] = GGML_FP32_TO_FP16(scales[0])`, re-indexed against 1/scales[0]
         inv = torch.where(scales != 0, rdiv(1.0, torch.where(scales != 0, scales, torch.ones_like(scales))),
                           torch.zeros_like(scales))
         idx = _best_index(values, inv[:, None] * xb)
-        return (fp16_round(scales)[:, None] * values[idx]).reshape(rows, n)
+        return QBlocks(fmt, fp16_round(scales), idx.to(torch.int32))
     s = scales.reshape(-1, sb // _BLOCK)
     max_scale, _ = first_absmax(s)
     d = sdiv(-max_scale, 32.0)
@@ -117,6 +138,10 @@ def _fake_quant_rows(x: torch.Tensor, fmt: QuantFormat, sb: int, imatrix: torch.
     lv = nearest_int(inv_d[:, None] * s).clamp(-32, 31)
     dl = d[:, None] * lv
     idl = torch.where(dl != 0, rdiv(1.0, torch.where(dl != 0, dl, torch.ones_like(dl))), torch.zeros_like(dl))
-    idx = _best_index(values, idl.reshape(-1)[:, None] * xb)
-    dl_stored = fp16_round(d)[:, None] * lv  # dequant: d * (ls - 32), d the stored fp16
-    return (dl_stored.reshape(-1)[:, None] * values[idx]).reshape(rows, n)
+    idx = _best_index(values, idl.reshape(-1)[:, None] * xb).reshape(-1, sb)
+    code = (lv + 32).to(torch.int32)  # l += 32: 4 low bits in scales_l (two per byte), 2 high in scales_h
+    sh = ((code >> 4) << (2 * torch.arange(code.shape[1], device=x.device))).sum(1, keepdim=True)
+    sl = (code[:, 0::2] & 0xF) | ((code[:, 1::2] & 0xF) << 4)
+    d16 = fp16_round(d)
+    return QBlocks(fmt, d16, idx.to(torch.int32), scales=torch.cat([sh & 0xFF, sh >> 8, sl], 1),
+                   sub_scale=d16[:, None] * lv)  # dequant: d * (ls - 32), d the stored fp16

@@ -1,12 +1,14 @@
 """Torch reference of ggml's K-quant quantizers, and of the imatrix searches of all ported types.
 
-``fake_quant_k`` ports ``quantize_row_q{2..6}_K_ref``; ``fake_quant_k_imatrix`` and
-``fake_quant_legacy_imatrix`` port the imatrix-aware ``quantize_row_*_impl`` of Q2_K..Q6_K and
-Q4_0/Q4_1/Q5_0/Q5_1. The scale searches (``make_qkx2/3_quants``, ``make_q3_quants``, ``make_qx_quants``,
-``make_qp_quants``) run vectorized over all sub-blocks at once, with the per-element sums accumulated
-sequentially as in C so the chosen scales are bit-identical. For the K-quants the searched levels never
-reach the output (every weight is re-rounded against the stored scales); the legacy ``_impl`` paths keep
-the search's levels.
+``k_blocks`` ports ``quantize_row_q{2..6}_K_ref``; ``k_blocks_imatrix`` and
+``legacy_blocks_imatrix`` port the imatrix-aware ``quantize_row_*_impl`` of Q2_K..Q6_K and
+Q4_0/Q4_1/Q5_0/Q5_1. Each returns the blocks' fields (:class:`~dq.kernels.ref_quant.QBlocks`: fp16 scales,
+the scale bytes as C packs them, every weight's level), which :mod:`dq.kernels.ref_pack` turns into GGUF
+bytes and ``fake_quant_*`` dequantizes. The scale searches (``make_qkx2/3_quants``, ``make_q3_quants``,
+``make_qx_quants``, ``make_qp_quants``) run vectorized over all sub-blocks at once, with the per-element
+sums accumulated sequentially as in C so the chosen scales are bit-identical. The K-quants re-round every
+weight against the stored scales, except in a sub-block whose scale is stored as 0 (``if (!d) continue;``),
+which keeps the search's levels; the legacy ``_impl`` paths keep the search's levels.
 
 The search step constants (``rmin + rdelta*is + nmax``) are float32 expressions in C; they are
 precomputed here with numpy float32 so that Python's double arithmetic cannot leak in. The Triton
@@ -18,11 +20,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dq.kernels.ref_quant import first_absmax, fp16_round, nearest_int, rdiv, sdiv, seq_sum
+from dq.kernels.ref_quant import (
+    QBlocks,
+    first_absmax,
+    first_min,
+    fp16_round,
+    nearest_int,
+    rdiv,
+    sdiv,
+    seq_sum,
+)
 from dq.quant.formats import QuantFormat
 
-__all__ = ["fake_quant_k", "fake_quant_k_imatrix", "fake_quant_legacy_imatrix", "qkx2_steps", "qx_steps", "qp_steps", "KQUANT_PARAMS",
-           "KQUANT_IMPL_PARAMS", "IMATRIX_K_FORMATS", "GROUP_MAX_EPS"]
+__all__ = ["fake_quant_k", "fake_quant_k_imatrix", "fake_quant_legacy_imatrix", "k_blocks", "k_blocks_imatrix",
+           "legacy_blocks_imatrix", "qkx2_steps", "qx_steps", "qp_steps", "KQUANT_PARAMS", "KQUANT_IMPL_PARAMS",
+           "IMATRIX_K_FORMATS", "GROUP_MAX_EPS"]
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c GROUP_MAX_EPS
 
@@ -75,7 +87,8 @@ def _make_qkx2(
 ) -> tuple[torch.Tensor, ...]:
     """make_qkx2_quants (= make_qkx3_quants) over rows of ``x`` ``[B, n]``; returns ``(scale, the_min)``
     (``the_min = -min``), and with ``levels`` also the chosen ``L`` (zeros for a flat row)."""
-    mn = torch.clamp(x.amin(dim=1), max=0.0)  # `if (min > 0) min = 0;`
+    mn = first_min(x)
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)  # `if (min > 0) min = 0;` (a -0.0 min stays)
     mx = x.amax(dim=1)
     sum_w = seq_sum(w)
     sum_x = seq_sum(w * x)
@@ -123,8 +136,9 @@ def _make_qkx2(
     return scale, -minv
 
 
-def _make_q3(x: torch.Tensor, nmax: int) -> torch.Tensor:
-    """make_q3_quants(n, nmax, x, L, do_rmse=true) over rows of ``x``; returns the scale."""
+def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) over rows of ``x``: ``(scale, L)``, ``L = l + nmax`` as C
+    leaves it (an all-zero row: ``L = 0``)."""
     mx, amax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
@@ -153,7 +167,8 @@ def _make_q3(x: torch.Tensor, nmax: int) -> torch.Tensor:
         if not bool(active.any()):
             break
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
-    return torch.where(zero, torch.zeros_like(scale), scale)
+    lv = torch.where(zero[:, None], torch.zeros_like(lv), lv + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), lv
 
 
 def _make_qx(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,90 +265,135 @@ def _impl_weights(b: torch.Tensor, qw: torch.Tensor, sb: int, twice: bool) -> tu
     return x, w, seq_sum(w).reshape(-1, 256 // sb)
 
 
-def _requant_sym(b: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    # Q3_K / Q6_K: every weight re-rounded against its 16-weight sub-block's signed scale d
+def _requant_sym(b: torch.Tensor, dl: torch.Tensor, lo: int, hi: int, searched: torch.Tensor) -> torch.Tensor:
+    """Q3_K / Q6_K: every weight re-rounded against its 16-weight sub-block's signed scale ``dl``; stored
+    levels ``l - lo``. ``if (!d) continue;`` keeps the search's stored levels ``searched`` ``[B, 256]``."""
     xs = b.reshape(-1, 16, 16)
-    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
-    lv = torch.clamp(nearest_int(xs / ds), lo, hi)
-    return (d[..., None] * lv).reshape(b.shape)
+    ds = torch.where(dl != 0, dl, torch.ones_like(dl))[..., None]
+    lv = torch.clamp(nearest_int(xs / ds), lo, hi) - lo
+    return torch.where(dl[..., None] != 0, lv, searched.reshape(xs.shape)).reshape(b.shape).to(torch.int32)
 
 
-def _requant_min(b: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, nsub: int, sb: int, nmax: int) -> torch.Tensor:
-    # every weight re-rounded against its sub-block's (d, dm); `if (!d) continue;` keeps the search's L,
-    # but d*L - dm is then -dm whatever L is
-    xs = b.reshape(-1, nsub, sb)
-    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
-    lv = torch.clamp(nearest_int((xs + dm[..., None]) / ds), 0, nmax)
-    return (d[..., None] * lv - dm[..., None]).reshape(b.shape)
+def _requant_min(b: torch.Tensor, dl: torch.Tensor, ml: torch.Tensor, sb: int, nmax: int,
+                 searched: torch.Tensor) -> torch.Tensor:
+    """Every weight re-rounded against its sub-block's ``(d, dm)``; ``if (!d) continue;`` keeps the search's
+    levels ``searched`` ``[B, 256]`` (they dequantize to ``-dm`` all the same)."""
+    xs = b.reshape(-1, 256 // sb, sb)
+    ds = torch.where(dl != 0, dl, torch.ones_like(dl))[..., None]
+    lv = torch.clamp(nearest_int((xs + ml[..., None]) / ds), 0, nmax)
+    return torch.where(dl[..., None] != 0, lv, searched.reshape(xs.shape)).reshape(b.shape).to(torch.int32)
 
 
-def _min_max_k_imatrix(b: torch.Tensor, fmt: QuantFormat, qw: torch.Tensor) -> torch.Tensor:
+def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """``y.scales[12]`` of Q4_K/Q5_K from 8 scales and 8 mins (int ``[S, 8]``, C's ``uint8_t``), packed as
+    ``quantize_row_q4_K_ref`` does; values above 63 spill into the neighbouring high bits as in C."""
+    lo = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                    (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], 1)
+    return lo & 0xFF
+
+
+def _scale_min_k4(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """get_scale_min_k4 over ``y.scales`` ``[S, 12]``: the 6-bit scales and mins ``[S, 8]`` as float32."""
+    sc = torch.cat([q[:, :4] & 63, (q[:, 8:] & 0xF) | ((q[:, :4] >> 6) << 4)], 1)
+    mn = torch.cat([q[:, 4:8] & 63, (q[:, 8:] >> 4) | ((q[:, 4:8] >> 6) << 4)], 1)
+    return sc.to(torch.float32), mn.to(torch.float32)
+
+
+def _pack_q3_k_scales(l6: torch.Tensor) -> torch.Tensor:
+    """``y.scales[12]`` of Q3_K from 16 six-bit fields ``l + 32`` (int ``[S, 16]``), as quantize_row_q3_K_ref
+    packs them: low nibbles of 0..7 and 8..15 share a byte, the 2 high bits of ``j`` go to byte ``8 + j%4``."""
+    lo = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
+    hi = ((l6 >> 4).reshape(-1, 4, 4) << torch.tensor([0, 2, 4, 6], device=l6.device)[:, None]).sum(1)
+    return torch.cat([lo, hi], 1)
+
+
+def _min_max_blocks(fmt: QuantFormat, b: torch.Tensor, d16: torch.Tensor, m16: torch.Tensor, ls: torch.Tensor,
+                    lm: torch.Tensor, searched: torch.Tensor) -> QBlocks:
+    """Q4_K / Q5_K fields from the super-block scales, the 8 scale and min codes and the search's levels;
+    the re-rounding reads the scales back from the packed bytes (get_scale_min_k4), as C does."""
+    nmax = KQUANT_PARAMS[fmt][1]
+    scales = _pack_scale_min_k4(ls.to(torch.int32), lm.to(torch.int32))
+    sc, mn = _scale_min_k4(scales)
+    dl, ml = d16[:, None] * sc, m16[:, None] * mn
+    return QBlocks(fmt, d16, _requant_min(b, dl, ml, 32, nmax, searched), dmin=m16, scales=scales,
+                   sub_scale=dl, sub_min=ml)
+
+
+def _q2_blocks(b: torch.Tensor, d16: torch.Tensor, m16: torch.Tensor, packed: torch.Tensor,
+               searched: torch.Tensor) -> QBlocks:
+    """Q2_K fields from the super-block scales, the ``Ls | Lm << 4`` bytes and the search's levels."""
+    dl = d16[:, None] * (packed & 0xF).to(torch.float32)
+    ml = m16[:, None] * (packed >> 4).to(torch.float32)
+    return QBlocks(QuantFormat.Q2_K, d16, _requant_min(b, dl, ml, 16, 3, searched), dmin=m16, scales=packed,
+                   sub_scale=dl, sub_min=ml)
+
+
+def _min_max_k_imatrix(b: torch.Tensor, fmt: QuantFormat, qw: torch.Tensor) -> QBlocks:
     # quantize_row_q4_K_impl / q5_K_impl: weights qw*sqrt(sigma2 + x^2) with sigma2 = 2*mean(x^2) of the
     # super-block, make_qkx3_quants per 32, then 6-bit scales and mins by make_qp_quants weighted by
     # each sub-block's sum of weights
     sb, nmax, rmin, rdelta, nstep, mad = KQUANT_IMPL_PARAMS[fmt]
     nsub = 256 // sb
     x, w, sw = _impl_weights(b, qw, sb, twice=True)
-    sc, mn = _make_qkx2(x, w, nmax, rmin, rdelta, nstep, mad)  # make_qkx3_quants: the same search
+    sc, mn, searched = _make_qkx2(x, w, nmax, rmin, rdelta, nstep, mad, levels=True)  # = make_qkx3_quants
     d_block, ls = _make_qp(sc.reshape(-1, nsub), 63, sw)
     m_block, lm = _make_qp(mn.reshape(-1, nsub), 63, sw)
-    # Q5_K clamps MIN(63, L); Q4_K stores L as is, which only differs when a scale is negative (never
-    # seen; the 6-bit field then decodes to L & 63 with polluted high bits)
-    ls, lm = torch.clamp(ls, max=63), torch.clamp(lm, max=63)
-    d = fp16_round(d_block)[:, None] * ls
-    dm = fp16_round(m_block)[:, None] * lm
-    return _requant_min(b, d, dm, nsub, sb, nmax)
+    if fmt is QuantFormat.Q5_K:  # Q5_K clamps MIN(63, L); Q4_K stores L as is: a negative scale's wrapped
+        ls, lm = torch.clamp(ls, max=63), torch.clamp(lm, max=63)  # uint8 then spills into the high bits
+    return _min_max_blocks(fmt, b, fp16_round(d_block), fp16_round(m_block), ls, lm, searched.reshape(-1, 256))
 
 
-def _q2_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+def _q2_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> QBlocks:
     # quantize_row_q2_K_impl: weights qw*sqrt(sigma2 + x^2) with sigma2 = mean(x^2) of the super-block,
     # make_qkx3_quants per 16 (squared error), then 4-bit scales and mins by make_qp_quants
     sb, nmax, rmin, rdelta, nstep, mad = KQUANT_IMPL_PARAMS[QuantFormat.Q2_K]
     x, w, sw = _impl_weights(b, qw, sb, twice=False)
-    sc, mn = _make_qkx2(x, w, nmax, rmin, rdelta, nstep, mad)
+    sc, mn, searched = _make_qkx2(x, w, nmax, rmin, rdelta, nstep, mad, levels=True)
     d_block, ls = _make_qp(sc.reshape(-1, 16), 15, sw)
     m_block, lm = _make_qp(mn.reshape(-1, 16), 15, sw)
     packed = (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF  # y[i].scales[j] = Ls[j] | (Lm[j] << 4)
-    d = fp16_round(d_block)[:, None] * (packed & 0xF).to(torch.float32)
-    dm = fp16_round(m_block)[:, None] * (packed >> 4).to(torch.float32)
-    return _requant_min(b, d, dm, 16, sb, nmax)
+    return _q2_blocks(b, fp16_round(d_block), fp16_round(m_block), packed, searched.reshape(-1, 256))
 
 
-def _q3_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+def _q3_k_imatrix(b: torch.Tensor, qw: torch.Tensor) -> QBlocks:
     # quantize_row_q3_K_impl: weights qw*sqrt(sigma2 + x^2) with sigma2 = 2*mean(x^2) of the super-block,
     # make_qx_quants(16, 4, rmse_type 1) per sub-block, then the 16 scales by make_qx_quants(16, 32) weighted
     # by each sub-block's sum of weights; the 6-bit field holds l + 32 and decodes to l
     x, w, sw = _impl_weights(b, qw, 16, twice=True)
-    sc = _make_qx(x, 4, w)[0].reshape(-1, 16)
-    d_block, lq = _make_qx(sc, 32, sw)
-    return _requant_sym(b, fp16_round(d_block)[:, None] * lq, -4, 3)
+    sc, lsub = _make_qx(x, 4, w)
+    d_block, lq = _make_qx(sc.reshape(-1, 16), 32, sw)
+    d16 = fp16_round(d_block)
+    dl = d16[:, None] * lq
+    levels = _requant_sym(b, dl, -4, 3, (lsub + 4).reshape(-1, 256))
+    return QBlocks(QuantFormat.Q3_K, d16, levels, scales=_pack_q3_k_scales((lq + 32).to(torch.int32)), sub_scale=dl)
 
 
-def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> torch.Tensor:
+def _min_max_k(b: torch.Tensor, fmt: QuantFormat, nsub: int) -> QBlocks:
     # quantize_row_q4_K_ref / q5_K_ref: weights av_x + |x|, 6-bit scales and mins against the super-block max
     sb, nmax, rmin, rdelta, nstep, mad = KQUANT_PARAMS[fmt]
     x = b.reshape(-1, sb)
     # sqrtf is correctly rounded; torch's CPU float32 sqrt is not always, float64 then float32 is
     av_x = torch.sqrt(sdiv(seq_sum(x * x), float(sb)).double()).float()
-    sc, mn = _make_qkx2(x, av_x[:, None] + x.abs(), nmax, rmin, rdelta, nstep, mad)
+    sc, mn, searched = _make_qkx2(x, av_x[:, None] + x.abs(), nmax, rmin, rdelta, nstep, mad, levels=True)
     sc, mn = sc.reshape(-1, nsub), mn.reshape(-1, nsub)
-    max_scale = torch.clamp(sc.amax(dim=1), min=0.0)
-    max_min = torch.clamp(mn.amax(dim=1), min=0.0)
+    # `float max_min = 0; if (min > max_min) ...`: +0 unless one is positive (a flat block's min is -0.0)
+    max_scale, max_min = sc.amax(dim=1), mn.amax(dim=1)
+    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+    max_min = torch.where(max_min > 0, max_min, torch.zeros_like(max_min))
     inv_s = torch.where(max_scale > 0, rdiv(63.0, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))), torch.zeros_like(max_scale))
     inv_m = torch.where(max_min > 0, rdiv(63.0, torch.where(max_min > 0, max_min, torch.ones_like(max_min))), torch.zeros_like(max_min))
     # `uint8_t ls = nearest_int(...); ls = MIN(63, ls);` (the uint8 cast wraps negatives)
     ls = torch.clamp(torch.remainder(nearest_int(inv_s[:, None] * sc), 256), max=63)
     lm = torch.clamp(torch.remainder(nearest_int(inv_m[:, None] * mn), 256), max=63)
-    d = fp16_round(sdiv(max_scale, 63.0))[:, None] * ls
-    dm = fp16_round(sdiv(max_min, 63.0))[:, None] * lm
-    return _requant_min(b, d, dm, nsub, sb, nmax)
+    d16, m16 = fp16_round(sdiv(max_scale, 63.0)), fp16_round(sdiv(max_min, 63.0))
+    return _min_max_blocks(fmt, b, d16, m16, ls, lm, searched.reshape(-1, 256))
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q2_k(b: torch.Tensor) -> QBlocks:
     # quantize_row_q2_K_ref: weights |x|, mean absolute deviation, 4-bit scales and mins
     sb, nmax, rmin, rdelta, nstep, mad = KQUANT_PARAMS[QuantFormat.Q2_K]
     x = b.reshape(-1, sb)
-    sc, mn = _make_qkx2(x, x.abs(), nmax, rmin, rdelta, nstep, mad)
+    sc, mn, searched = _make_qkx2(x, x.abs(), nmax, rmin, rdelta, nstep, mad, levels=True)
     sc, mn = sc.reshape(-1, 16), mn.reshape(-1, 16)
     max_scale = torch.clamp(sc.amax(dim=1), min=0.0)
     max_min = torch.clamp(mn.amax(dim=1), min=0.0)
@@ -345,47 +405,50 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     packed = (ls | (lm << 4)) & 0xFF  # y[i].scales[j] = l; y[i].scales[j] |= (l << 4);
     d16 = torch.where(has_s, fp16_round(sdiv(max_scale, 15.0)), torch.zeros_like(max_scale))
     m16 = torch.where(has_m, fp16_round(sdiv(max_min, 15.0)), torch.zeros_like(max_min))
-    d = d16[:, None] * (packed & 0xF).to(torch.float32)
-    dm = m16[:, None] * (packed >> 4).to(torch.float32)
-    xs = b.reshape(-1, 16, sb)
-    ds = torch.where(d != 0, d, torch.ones_like(d))[..., None]
-    lv = torch.clamp(nearest_int((xs + dm[..., None]) / ds), 0, 3)
-    return (d[..., None] * lv - dm[..., None]).reshape(b.shape)
+    return _q2_blocks(b, d16, m16, packed, searched.reshape(-1, 256))
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _q3_k(b: torch.Tensor) -> QBlocks:
     # quantize_row_q3_K_ref: make_q3_quants per 16, 6-bit signed scales against the largest-|.| scale
-    sc = _make_q3(b.reshape(-1, 16), 4).reshape(-1, 16)
+    sc, lsub = _make_q3(b.reshape(-1, 16), 4)
+    sc = sc.reshape(-1, 16)
     max_scale, _ = first_absmax(sc)
     has = max_scale != 0
     iscale = rdiv(-32.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
     lq = torch.clamp(nearest_int(iscale[:, None] * sc), -32, 31)
     lq = torch.where(has[:, None], lq, torch.full_like(lq, -32.0))  # memset(scales, 0) decodes to -32
     d16 = torch.where(has, fp16_round(rdiv(1.0, iscale)), torch.zeros_like(iscale))
-    return _requant_sym(b, d16[:, None] * lq, -4, 3)
+    dl = d16[:, None] * lq
+    levels = _requant_sym(b, dl, -4, 3, lsub.reshape(-1, 256))
+    return QBlocks(QuantFormat.Q3_K, d16, levels, scales=_pack_q3_k_scales((lq + 32).to(torch.int32)), sub_scale=dl)
 
 
-def _q6_k(b: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, qw: torch.Tensor | None = None) -> QBlocks:
     # quantize_row_q6_K_ref: make_qx_quants(16, 32, rmse_type 1), 8-bit scales against the largest-|.| one;
     # quantize_row_q6_K_impl is the same with the importance weights in the search
-    sc = _make_qx(b.reshape(-1, 16), 32, None if qw is None else qw.reshape(-1, 16))[0].reshape(-1, 16)
+    sc, lsub = _make_qx(b.reshape(-1, 16), 32, None if qw is None else qw.reshape(-1, 16))
+    sc = sc.reshape(-1, 16)
     max_scale, max_abs = first_absmax(sc)
     has = max_abs >= GROUP_MAX_EPS
     iscale = rdiv(-128.0, torch.where(has, max_scale, torch.ones_like(max_scale)))
-    lq = torch.clamp(nearest_int(iscale[:, None] * sc), max=127)
+    lq = torch.where(has[:, None], torch.clamp(nearest_int(iscale[:, None] * sc), max=127), torch.zeros_like(sc))
     d16 = torch.where(has, fp16_round(rdiv(1.0, iscale)), torch.zeros_like(iscale))
-    return _requant_sym(b, d16[:, None] * torch.where(has[:, None], lq, torch.zeros_like(lq)), -32, 31)
+    dl = d16[:, None] * lq
+    levels = _requant_sym(b, dl, -32, 31, (lsub + 32).reshape(-1, 256))
+    levels = torch.where(has[:, None], levels, torch.zeros_like(levels))  # `memset(&y[i], 0, ...)`: a dead block
+    return QBlocks(QuantFormat.Q6_K, d16, levels, scales=lq.to(torch.int32) & 0xFF, sub_scale=dl)
 
 
-def fake_quant_k(blocks: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """Fake-quantize super-blocks ``[n_blocks, 256]`` (float32) as ``quantize_row_<fmt>_ref`` then dequant.
+def k_blocks(blocks: torch.Tensor, fmt: QuantFormat) -> QBlocks:
+    """Quantize super-blocks ``[n_blocks, 256]`` (float32) as ``quantize_row_<fmt>_ref``: the blocks' fields.
 
     Args:
         blocks: ``[n_blocks, 256]`` float32 tensor.
         fmt: Q2_K, Q3_K, Q4_K, Q5_K or Q6_K.
 
     Returns:
-        float32 ``[n_blocks, 256]``, bit-exact with libggml.
+        :class:`~dq.kernels.ref_quant.QBlocks` with ``d``, ``dmin``, ``scales`` (``y.scales`` bytes), the
+        per-sub-block dequant scales and every weight's stored level.
     """
     if fmt is QuantFormat.Q2_K:
         return _q2_k(blocks)
@@ -398,29 +461,52 @@ def fake_quant_k(blocks: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     raise ValueError(f"{fmt} is not a K-quant with a reference port")
 
 
-def fake_quant_legacy_imatrix(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> torch.Tensor:
-    """``quantize_row_q{4,5}_{0,1}_impl`` then dequantize: rows ``[rows, n]`` with an ``[n]`` imatrix.
+def fake_quant_k(blocks: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Fake-quantize super-blocks ``[n_blocks, 256]`` (float32) as ``quantize_row_<fmt>_ref`` then dequant.
+
+    Args:
+        blocks: ``[n_blocks, 256]`` float32 tensor.
+        fmt: Q2_K, Q3_K, Q4_K, Q5_K or Q6_K.
+
+    Returns:
+        float32 ``[n_blocks, 256]``, bit-exact with libggml.
+    """
+    return k_blocks(blocks, fmt).dequantize()
+
+
+def legacy_blocks_imatrix(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> QBlocks:
+    """``quantize_row_q{4,5}_{0,1}_impl`` on rows ``[rows, n]`` with an ``[n]`` imatrix: the 32-weight blocks' fields.
 
     The weights are ``qw*sqrt(sigma2 + x^2)`` with ``sigma2`` the mean of x^2 over the *whole row* (summed in
     order); Q4_0/Q5_0 search with make_qx_quants (rmse_type 1), Q4_1/Q5_1 with make_qkx3_quants, and the
-    search's own levels are stored (no re-rounding against the fp16 scale)."""
+    search's own levels are stored (no re-rounding against the fp16 scale).
+
+    Returns:
+        :class:`~dq.kernels.ref_quant.QBlocks` of the ``rows * n / 32`` blocks, in row order.
+    """
     rows, n = x.shape
     sigma2 = sdiv(seq_sum(x * x), float(n))
     xb = x.reshape(-1, 32)
     qw = imatrix.to(device=x.device, dtype=torch.float32).reshape(1, n).expand(rows, n).reshape(-1, 32)
     w = qw * _sqrt_rn(sigma2.repeat_interleave(n // 32)[:, None] + xb * xb)
     if fmt in (QuantFormat.Q4_0, QuantFormat.Q5_0):
-        scale, lv = _make_qx(xb, 8 if fmt is QuantFormat.Q4_0 else 16, w)
-        return (lv * fp16_round(scale)[:, None]).reshape(rows, n)
+        nmax = 8 if fmt is QuantFormat.Q4_0 else 16
+        scale, lv = _make_qx(xb, nmax, w)  # L = l + nmax; an all-zero block stores L = 0
+        return QBlocks(fmt, fp16_round(scale), (lv + nmax).to(torch.int32))
     if fmt in (QuantFormat.Q4_1, QuantFormat.Q5_1):
         _, nmax, rmin, rdelta, nstep, mad = KQUANT_IMPL_PARAMS[fmt]
         scale, the_min, lv = _make_qkx2(xb, w, nmax, rmin, rdelta, nstep, mad, levels=True)
-        return (lv * fp16_round(scale)[:, None] + fp16_round(-the_min)[:, None]).reshape(rows, n)
+        return QBlocks(fmt, fp16_round(scale), lv.to(torch.int32), dmin=fp16_round(-the_min))
     raise ValueError(f"{fmt} is not a legacy type with an imatrix port")
 
 
-def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize super-blocks as libggml does *with* an imatrix (``quantize_row_<fmt>_impl``).
+def fake_quant_legacy_imatrix(x: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> torch.Tensor:
+    """:func:`legacy_blocks_imatrix` dequantized: float32 ``[rows, n]``, bit-exact with libggml's round trip."""
+    return legacy_blocks_imatrix(x, fmt, imatrix).dequantize().reshape(x.shape)
+
+
+def k_blocks_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> QBlocks:
+    """Quantize super-blocks as libggml does *with* an imatrix (``quantize_row_<fmt>_impl``): the blocks' fields.
 
     Args:
         blocks: ``[n_blocks, 256]`` float32, consecutive blocks of whole rows.
@@ -428,7 +514,7 @@ def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.
         imatrix: ``[n_per_row]`` importance weights (row length a multiple of 256).
 
     Returns:
-        float32 ``[n_blocks, 256]``, bit-exact with ``libggml.quantize(w, fmt, imatrix)``.
+        :class:`~dq.kernels.ref_quant.QBlocks`, as :func:`k_blocks`.
     """
     per_row = imatrix.numel() // 256
     qw = imatrix.to(device=blocks.device, dtype=torch.float32).reshape(1, per_row, 256)
@@ -442,3 +528,17 @@ def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.
     if fmt is QuantFormat.Q6_K:
         return _q6_k(blocks, qw)
     raise ValueError(f"no imatrix-aware port of {fmt}; ported: {[f.value for f in IMATRIX_K_FORMATS]}")
+
+
+def fake_quant_k_imatrix(blocks: torch.Tensor, fmt: QuantFormat, imatrix: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize super-blocks as libggml does *with* an imatrix (``quantize_row_<fmt>_impl``).
+
+    Args:
+        blocks: ``[n_blocks, 256]`` float32, consecutive blocks of whole rows.
+        fmt: one of :data:`IMATRIX_K_FORMATS`.
+        imatrix: ``[n_per_row]`` importance weights (row length a multiple of 256).
+
+    Returns:
+        float32 ``[n_blocks, 256]``, bit-exact with ``libggml.quantize(w, fmt, imatrix)``.
+    """
+    return k_blocks_imatrix(blocks, fmt, imatrix).dequantize()
