@@ -45,8 +45,15 @@ _KVALUES_MXFP4 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # kv
 
 
 def _f16(d: torch.Tensor) -> torch.Tensor:
-    """``GGML_FP32_TO_FP16`` of ``d`` ``[B]`` as ``[B, 2]`` little-endian bytes (``d`` holds fp16 values already)."""
-    return d.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+    """``GGML_FP32_TO_FP16`` of ``d`` ``[B]`` as ``[B, 2]`` little-endian bytes (``d`` holds fp16 values already).
+
+    A NaN scale (float32 sums overflowed: weights beyond ~1e18) is x86's default NaN 0xffc00000 in libggml,
+    0xfe00 once converted; a GPU's arithmetic makes 0x7fffffff instead, so there NaN is written as 0xfe00.
+    """
+    h = d.to(torch.float16).contiguous().view(torch.int16)
+    if d.device.type != "cpu":
+        h = torch.where(torch.isnan(d), torch.full_like(h, -512), h)  # 0xfe00 as int16
+    return h.view(torch.uint8).reshape(-1, 2)
 
 
 def _le(words: torch.Tensor, nbytes: int) -> torch.Tensor:

@@ -77,13 +77,15 @@ def nearest_int(x: torch.Tensor) -> torch.Tensor:
     """ggml-quants.c ``nearest_int``, the 1.5*2^23 trick itself: ``x + 12582912.f``, low 23 bits minus 2^22.
 
     That is round-half-to-even for ``|x| <= 4194303``; beyond (C only asserts it), it is what the bits give:
-    ``inf`` -> -4194304, NaN -> 0. Those occur where a sub-block's range is so small (subnormal) that the
+    ``inf`` -> -4194304, and NaN -> 0 (x86's default NaN has mantissa 0x400000; a CUDA NaN is 0x7fffffff,
+    hence the explicit case). Those occur where a sub-block's range is so small (subnormal) that the
     inverse scale overflows; a search then picks the levels C picks.
 
     Returns a float32 tensor holding integers (the C code converts them back to float at every use).
     """
-    i = (x.to(torch.float32) + 12582912.0).view(torch.int32)
-    return ((i & 0x7FFFFF) - 0x400000).to(torch.float32)
+    x = x.to(torch.float32)
+    i = (x + 12582912.0).view(torch.int32)
+    return torch.where(torch.isnan(x), 0.0, ((i & 0x7FFFFF) - 0x400000).to(torch.float32))
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:

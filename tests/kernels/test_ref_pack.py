@@ -7,7 +7,7 @@ import torch
 from dq.errors import ImatrixRequiredError
 from dq.kernels import ref_pack
 from dq.kernels.ref_pack import PACK_FORMATS, pack_blocks, quantize_bytes
-from dq.kernels.ref_quant import FAKE_QUANT_FORMATS, fake_quant, quantize_blocks
+from dq.kernels.ref_quant import FAKE_QUANT_FORMATS, fake_quant, nearest_int, quantize_blocks
 from dq.quant import libggml
 from dq.quant.formats import FORMATS, QuantFormat
 
@@ -110,6 +110,13 @@ def test_fields_dequantize_to_fake_quant(fmt):
     qb = quantize_blocks(w, fmt)
     assert pack_blocks(qb).shape == (qb.levels.shape[0], FORMATS[fmt].type_size)
     assert torch.equal(qb.dequantize().reshape(w.shape), fake_quant(w, fmt))
+
+
+def test_nearest_int_is_the_c_bit_trick_whatever_the_nan():
+    """Ties to even; beyond 2^22 what ``x + 12582912.f``'s bits give; NaN 0 for x86's NaN and a GPU's 0x7fffffff."""
+    gpu_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([torch.tensor([2.5, 3.5, -2.5, -0.5, float("inf"), float("-inf"), float("nan")]), gpu_nan])
+    assert nearest_int(x).tolist() == [2, 4, -2, 0, -4194304, -4194304, 0, 0]
 
 
 def test_every_format_is_covered_and_bad_input_is_refused():
