@@ -18,4 +18,5 @@ python3 -c "import torch, triton; assert torch.cuda.is_available(); print(torch.
 python3 -m pytest -q -p no:cacheprovider -rs \
     tests/kernels tests/analysis/test_device_path.py \
     "tests/analysis/test_damage_gradients.py::test_streamed_damage_equals_whole_model" \
-    "tests/evals/test_gguf_torch.py::test_bf16_gguf_gives_the_hf_models_logits" 2>&1 | tee -a "$out/gpu_suite.log"
+    "tests/evals/test_gguf_torch.py::test_bf16_gguf_gives_the_hf_models_logits" \
+    "tests/export/test_quantize_tiny.py::test_cuda_quantizer_writes_llama_cpps_file" 2>&1 | tee -a "$out/gpu_suite.log"

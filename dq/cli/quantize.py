@@ -51,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "48G shards only when the file would exceed the Hub's 50 GB limit; 0 = never split")
     p.add_argument("--dry-run", action="store_true", help="print every tensor's type and the exact file size; write nothing")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: all cores)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (llama.cpp's quantizers) or cuda / cuda:N (dq's GPU kernels, the same bytes)")
     p.add_argument("--format", choices=("gguf", "safetensors"), default="gguf",
                    help="gguf (llama.cpp) or safetensors (bitsandbytes NF4, dynamic; output is a directory)")
     from dq.cli.quantize_safetensors import add_safetensors_arguments
@@ -193,13 +195,15 @@ def run(args: argparse.Namespace) -> int:
 
             results = write_plan_files(plan, src, mm, output, imatrix=kw["imatrix"], imatrix_name=kw["imatrix_name"],
                                        overrides=overrides, n_threads=args.threads,
-                                       progress=lambda c, n: bar.update(n), split_max_bytes=split)
+                                       progress=lambda c, n: bar.update(n), split_max_bytes=split,
+                                       device=args.device)
             result = results[0]
             for extra in results[1:]:
                 log.info("wrote %s (%s bytes): the vision tower and projector", extra.path, f"{extra.size:,}")
         else:
             result = quantize_gguf(src, output, assignment, n_threads=args.threads,
-                                   progress=lambda c, n: bar.update(n), split_max_bytes=split, **kw)
+                                   progress=lambda c, n: bar.update(n), split_max_bytes=split, device=args.device,
+                                   **kw)
     if len(result.files) > 1:
         log.info("split into %d shards (llama.cpp loads them from %s)", len(result.files), result.files[0].name)
     log.info("wrote %s (%s bytes, %.3f bits per weight)", result.path, f"{result.size:,}",

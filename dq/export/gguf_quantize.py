@@ -3,9 +3,10 @@
 The source is an unquantized GGUF from llama.cpp's converter; its metadata is copied byte for byte,
 ``general.file_type`` and the quantization keys are set as ``llama_model_quantize`` sets them, and each
 tensor is quantized with libggml's ``ggml_quantize_chunk`` (through ``dq.quant.libggml``) on one thread
-pool for the whole file, while a writer thread writes the tensor before it: at most two tensors are in
-memory at a time. MoE expert tensors (3-D) are quantized per expert with that expert's imatrix slice,
-as llama.cpp does. The header is built first (:mod:`dq.quant.layout`), so :func:`dq.quant.layout.predict_size` is exact.
+pool for the whole file, or on a GPU by dq's kernels (``device="cuda"``, the same bytes;
+:mod:`dq.export.tensor_quantizers`), while a writer thread writes the tensor before it: at most two
+tensors are in memory at a time. MoE expert tensors (3-D) are quantized per expert with that expert's
+imatrix slice, as llama.cpp does. The header is built first (:mod:`dq.quant.layout`), so :func:`dq.quant.layout.predict_size` is exact.
 
 Example:
     >>> a = assign_types(read_source_tensors("m-bf16.gguf"), explicit={...})   # doctest: +SKIP
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dq.errors import ImatrixRequiredError, PlanError
+from dq.export.tensor_quantizers import KernelQuantizer, LibggmlQuantizer
 from dq.quant import libggml
 from dq.quant.assign import TensorChoice, TypeAssignment
 from dq.quant.formats import FORMATS, tensor_nbytes
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["QuantizeResult", "quantize_gguf"]
 
 log = logging.getLogger(__name__)
+
+Quantizer = Callable[[TensorChoice, np.ndarray, "np.ndarray | None"], "bytes | np.ndarray"]
 
 
 @dataclass(frozen=True)
@@ -63,21 +67,6 @@ def _check_imatrix(assignment: TypeAssignment, imatrix: Imatrix | None) -> None:
             raise PlanError(f"imatrix entry for {c.name} has shape {n_mat}, expected {expected}: wrong model?")
 
 
-def _payload(choice: TensorChoice, raw: np.ndarray, imatrix: Imatrix | None, n_threads: int,
-             pool: ThreadPoolExecutor) -> bytes | np.ndarray:
-    if choice.stored is choice.source:
-        return raw
-    weights = imatrix.weights_for(choice.name) if imatrix is not None else None
-    experts = choice.shape[0] if len(choice.shape) == 3 else 1  # experts: one imatrix slice each
-    per = raw.nbytes // experts
-    parts = []
-    for i in range(experts):
-        im = None if weights is None or FORMATS[choice.stored].is_float else weights[i if weights.shape[0] > 1 else 0]
-        parts.append(libggml.requantize(raw[i * per:(i + 1) * per], choice.source, choice.shape[-2:], choice.stored,
-                                        im, n_threads=n_threads, pool=pool))
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
 def quantize_gguf(
     src: str | Path,
     dst: str | Path,
@@ -90,6 +79,8 @@ def quantize_gguf(
     progress: Callable[[TensorChoice, int], None] | None = None,
     tensor_cache: TensorCache | None = None,
     split_max_bytes: int = 0,
+    device: str = "cpu",
+    kernels: bool | None = None,
 ) -> QuantizeResult:
     """Quantize ``src`` into ``dst`` (atomically) with the types in ``assignment``.
 
@@ -105,6 +96,9 @@ def quantize_gguf(
         tensor_cache: reuse (and keep) quantized tensor bytes across calls (:mod:`dq.export.tensor_cache`).
         split_max_bytes: write llama.cpp's split layout, shards of at most this many payload bytes
             (``dst``'s stem + ``-0000k-of-0000n.gguf``; :mod:`dq.quant.gguf_split`); 0 = one file.
+        device: where tensors are quantized: ``cpu`` (libggml) or a CUDA device (dq's kernels).
+        kernels: use dq's kernels on ``device`` (default: for any device but ``cpu``); ``kernels=True`` with
+            ``device="cpu"`` runs the torch ports on the CPU (what the tests compare with libggml).
 
     Returns:
         The path, its size (equal to :func:`predict_size`) and the assignment.
@@ -118,6 +112,9 @@ def quantize_gguf(
     done: list[Path] = []
     with ThreadPoolExecutor(n_threads, thread_name_prefix="dq-quant") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="dq-write") as io:
+        quantizer: Quantizer = LibggmlQuantizer(n_threads, pool)
+        if kernels if kernels is not None else str(device) != "cpu":
+            quantizer = KernelQuantizer(device, quantizer)
         try:
             for (writer, idx), path in zip(writers, paths):
                 writer.open(path)
@@ -125,7 +122,7 @@ def quantize_gguf(
                 try:
                     for i in idx:
                         choice, tensor = assignment.choices[i], header.tensors[i]
-                        payload = _cached_payload(choice, tensor, header, src, imatrix, n_threads, pool, tensor_cache)
+                        payload = _cached_payload(choice, tensor, header, src, imatrix, quantizer, tensor_cache)
                         if pending is not None:
                             pending.result()
                         pending = io.submit(writer.write_tensor, choice.name, payload)
@@ -162,15 +159,15 @@ def _wait_quietly(f: Future) -> None:
         pass
 
 
-def _cached_payload(choice: TensorChoice, tensor, header, src, imatrix: Imatrix | None, n_threads: int,
-                    pool: ThreadPoolExecutor, tensor_cache: TensorCache | None) -> bytes | np.ndarray:
+def _cached_payload(choice: TensorChoice, tensor, header, src, imatrix: Imatrix | None, quantizer: Quantizer,
+                    tensor_cache: TensorCache | None) -> bytes | np.ndarray:
     raw = header.tensor_bytes(tensor, tensor_nbytes(choice.source, choice.shape))
-    if tensor_cache is None or choice.stored is choice.source:
-        return _payload(choice, raw, imatrix, n_threads, pool)
-    digest = tensor_cache.source_digest(Path(src), choice.name, raw)
     weights = imatrix.weights_for(choice.name) if imatrix is not None else None
+    if tensor_cache is None or choice.stored is choice.source:
+        return quantizer(choice, raw, weights)
+    digest = tensor_cache.source_digest(Path(src), choice.name, raw)
     payload = tensor_cache.get(digest, choice.stored, weights, choice.nbytes)
     if payload is None:
-        payload = _payload(choice, raw, imatrix, n_threads, pool)
+        payload = quantizer(choice, raw, weights)
         tensor_cache.put(digest, choice.stored, weights, payload)
     return payload

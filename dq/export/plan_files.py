@@ -40,6 +40,7 @@ def write_plan_files(
     progress: Callable | None = None,
     tensor_cache=None,
     split_max_bytes: int = 0,
+    device: str = "cpu",
 ) -> list[QuantizeResult]:
     """Quantize ``plan`` into ``out`` (and ``mmproj-<out>`` when the plan has projector tensors).
 
@@ -54,12 +55,13 @@ def write_plan_files(
     results = [quantize_gguf(text_src, out, assign_types(text, explicit=plan.explicit_types(mmproj=False),
                                                          overrides=overrides),
                              imatrix=imatrix, imatrix_name=imatrix_name, n_threads=n_threads, progress=progress,
-                             tensor_cache=tensor_cache, split_max_bytes=split_max_bytes)]
+                             tensor_cache=tensor_cache, split_max_bytes=split_max_bytes, device=device)]
     if plan.mmproj:
         try:
             results.append(quantize_gguf(mmproj_src, mmproj_path(out),
                                          assign_types(mm, explicit=plan.explicit_types(mmproj=True)),
-                                         n_threads=n_threads, progress=progress, tensor_cache=tensor_cache))
+                                         n_threads=n_threads, progress=progress, tensor_cache=tensor_cache,
+                                         device=device))
         except BaseException:
             for f in results[0].files:
                 f.unlink(missing_ok=True)

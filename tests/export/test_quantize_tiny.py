@@ -46,6 +46,65 @@ def test_preset_bytes_equal_llama_cpp(preset, tiny_bf16_gguf, tiny_imatrix, tmp_
     assert not assignment.fallbacks  # widths are multiples of 256
 
 
+@pytest.mark.parametrize("preset", ["Q4_K_M", "IQ2_XXS"])
+def test_kernel_quantizer_writes_llama_cpps_file(preset, tiny_bf16_gguf, tiny_imatrix, tmp_path, monkeypatch):
+    """`dq quantize --device cuda`'s path (dq's torch ports packing the blocks), run here on the CPU: the same
+    file as llama.cpp's, byte for byte, and libggml quantizes nothing."""
+    from dq.quant import libggml
+
+    imatrix = read_imatrix(tiny_imatrix)
+    assignment = assign_preset(tiny_bf16_gguf, preset)
+    llama_quantize(tiny_bf16_gguf, tmp_path / "ref.gguf", preset, imatrix=imatrix.flat_weights())
+    ours_cpu = quantize_gguf(tiny_bf16_gguf, tmp_path / "cpu.gguf", assignment, imatrix=imatrix,
+                             preset_ftype=PRESETS[preset])
+
+    def no_libggml(*a, **k):
+        raise AssertionError("the kernel path fell back to libggml")
+
+    monkeypatch.setattr(libggml, "requantize", no_libggml)
+    ours = quantize_gguf(tiny_bf16_gguf, tmp_path / "dev.gguf", assignment, imatrix=imatrix,
+                         preset_ftype=PRESETS[preset], device="cpu", kernels=True)
+    assert _tensors(ours.path) == _tensors(tmp_path / "ref.gguf")
+    assert ours.path.read_bytes() == ours_cpu.path.read_bytes()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q2_K", "IQ2_XXS", "IQ1_S"])
+def test_cuda_quantizer_writes_llama_cpps_file(preset, tiny_bf16_gguf, tiny_imatrix, tmp_path):
+    """`dq quantize --device cuda`: the GPU writes llama.cpp's file (run by bench/gpu_suite.sh)."""
+    imatrix = read_imatrix(tiny_imatrix)
+    assignment = assign_preset(tiny_bf16_gguf, preset)
+    llama_quantize(tiny_bf16_gguf, tmp_path / "ref.gguf", preset, imatrix=imatrix.flat_weights())
+    ours = quantize_gguf(tiny_bf16_gguf, tmp_path / "gpu.gguf", assignment, imatrix=imatrix,
+                         preset_ftype=PRESETS[preset], device="cuda")
+    assert _tensors(ours.path) == _tensors(tmp_path / "ref.gguf")
+
+
+def test_kernel_quantizer_works_in_row_chunks(tiny_bf16_gguf, tiny_imatrix, tmp_path):
+    """A tensor larger than the device chunk goes through in pieces: the bytes do not change."""
+    from dq.export.tensor_quantizers import KernelQuantizer, LibggmlQuantizer
+
+    imatrix = read_imatrix(tiny_imatrix)
+    choice = next(c for c in assign_preset(tiny_bf16_gguf, "Q2_K").choices if c.name == "blk.0.ffn_down.weight")
+    from dq.quant.formats import tensor_nbytes
+    from dq.quant.gguf_header import read_gguf_header
+
+    header = read_gguf_header(tiny_bf16_gguf)
+    raw = header.tensor_bytes(next(t for t in header.tensors if t.name == choice.name),
+                              tensor_nbytes(choice.source, choice.shape))
+    weights = imatrix.weights_for(choice.name)
+    whole = KernelQuantizer("cpu", LibggmlQuantizer(1, None))(choice, raw, weights)
+    pieces = KernelQuantizer("cpu", LibggmlQuantizer(1, None), chunk_weights=3 * choice.shape[-1] + 5)(
+        choice, raw, weights)
+    assert bytes(pieces) == bytes(whole) == libggml_bytes(raw, choice, weights)
+
+
+def libggml_bytes(raw, choice, weights):
+    from dq.quant import libggml
+
+    return libggml.requantize(raw, choice.source, choice.shape, choice.stored, weights[0])
+
+
 def test_imatrix_file_round_trip(tiny_imatrix):
     im = read_imatrix(tiny_imatrix)
     assert im.chunk_size == 256 and im.datasets == ("test",)
