@@ -57,9 +57,10 @@ log = logging.getLogger(__name__)
 MeasurePath = Literal["kernels", "libggml"]
 
 # IQ2_S and IQ2_XS fill the gap between IQ2_XXS (2.06 bits) and Q2_K (2.63): hand recipes that beat llama.cpp's
-# mixes on Qwen2.5-Coder-1.5B put ffn_down at IQ2_S (shared/models.md).
+# mixes on Qwen2.5-Coder-1.5B put ffn_down at IQ2_S (shared/models.md). IQ3_S costs what Q3_K costs (3.44 bits)
+# and is llama.cpp's lower-error 3.44-bit type with an imatrix; the planner takes whichever measures less damage.
 DEFAULT_CANDIDATES: tuple[QuantFormat, ...] = tuple(QuantFormat(n) for n in (
-    "Q8_0", "Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "Q3_K", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
+    "Q8_0", "Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M",
     "IQ1_S", "TQ1_0",
 ))
 
