@@ -54,7 +54,8 @@ def tiny_analysis_dir(tiny_llama_dir, tmp_path_factory):
     from dq.analysis.analyze import AnalyzeOptions, analyze
 
     out = tmp_path_factory.mktemp("tiny-analysis")
-    analyze(tiny_llama_dir, out, AnalyzeOptions(n_tokens=1024, seq_len=256, ablation_tokens=256, plots=False))
+    analyze(tiny_llama_dir, out, AnalyzeOptions(n_tokens=1024, seq_len=256, ablation_tokens=256, plots=False,
+                                                response_tokens=256))
     return out
 
 

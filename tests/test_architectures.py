@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 TOKENS = [1, 17, 33, 60, 91, 120, 151, 190, 230, 260, 301, 333, 370, 400, 441, 480]
 OPTS = dict(n_tokens=512, seq_len=128, grad_tokens=256, act_tokens=64, ablation_tokens=128, plots=False,
+            response_tokens=128,
             candidates=("Q8_0", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_S"))
 
 

@@ -72,6 +72,7 @@ from dq.analysis.measure import (
 )
 from dq.analysis.names import NameMapper
 from dq.analysis.ranks import Ranks
+from dq.analysis.responses import measure_responses
 from dq.analysis.roles import TensorRole, classify, layer_index
 from dq.analysis.splits import split_of
 from dq.analysis.stream import (
@@ -122,6 +123,8 @@ class AnalyzeOptions:
         super_weights: detect super weights and confirm them by ablation.
         ablation_tokens: held-out (Wikipedia) tokens for the ablation perplexity/KLD.
         max_ablations: at most this many candidates are ablated.
+        response_tokens: calibration tokens (PROBE windows, disjoint from the others) on which every role's
+            measured response to a few anchor types is taken (:mod:`dq.analysis.responses`); 0 skips it.
         plots: write PNG plots.
         seed: seed of every subset.
         n_threads: libggml threads.
@@ -133,12 +136,13 @@ class AnalyzeOptions:
     seq_len: int = 512
     chat_template: bool = False
     act_tokens: int = 512
-    grad_tokens: int = 4096
+    grad_tokens: int = 8192
     max_elements: int | None = 1 << 21
     device: str = "cpu"
     super_weights: bool = True
     ablation_tokens: int = 1024
     max_ablations: int = 4
+    response_tokens: int = 2048
     plots: bool = True
     seed: int = 0
     n_threads: int | None = None
@@ -150,8 +154,8 @@ class AnalyzeOptions:
                                 f"try --tokens 8192")
         if self.seq_len <= 1:
             raise AnalysisError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.act_tokens < 0 or self.ablation_tokens < 0:
-            raise AnalysisError("--act-tokens and --ablation-tokens must be >= 0")
+        if self.act_tokens < 0 or self.ablation_tokens < 0 or self.response_tokens < 0:
+            raise AnalysisError("--act-tokens, --ablation-tokens and --response-tokens must be >= 0")
         if self.grad_tokens < self.seq_len:
             raise AnalysisError(f"--grad-tokens {self.grad_tokens} must be at least one sequence (--seq-len "
                                 f"{self.seq_len}); try --grad-tokens 4096")
@@ -522,7 +526,7 @@ def analyze(
     """
     from transformers import AutoTokenizer
 
-    from dq.calibration import sample_calibration
+    from dq.calibration import Purpose, sample_calibration
     from dq.data import heldout_text
     from dq.models import resolve_model
 
@@ -639,8 +643,17 @@ def analyze(
                 for e in experts:  # the super experts zeroed one at a time: their ablation result
                     if e["layer"] == s.layer and e["expert"] == s.expert:
                         e["ablation_ppl_ratio"], e["ablation_kld"] = r.ablation_ppl_ratio, r.ablation_kld
-    sk.close()
     times["super_weights"] = time.time() - t_stage
+    t_stage = time.time()
+    responses = []
+    if opt.response_tokens >= opt.seq_len:
+        probe_cal = sample_calibration(tokenizer, opt.response_tokens // opt.seq_len, opt.seq_len,
+                                       calib_file=opt.calib_file, purpose=Purpose.PROBE,
+                                       chat_template=opt.chat_template, seed=opt.seed)
+        responses = measure_responses(sk, found_all.tensors, found_all.imatrix, probe_cal.ids, opt.candidates,
+                                      device=opt.device, n_threads=opt.n_threads)
+    sk.close()
+    times["responses"] = time.time() - t_stage
 
     imatrix = Imatrix(dict(sorted(found_all.imatrix.items())),
                       datasets=("dq-analyze:" + (opt.calib_file or "c4,code,multilingual,technical"),),
@@ -670,6 +683,7 @@ def analyze(
             "super_weight_candidates": [s.to_dict() for s in candidates],
             "super_activations": super_activations(hidden_max),
             "super_experts": experts,
+            "responses": [r.to_dict() for r in responses],
             "hidden_max": {str(k): float(v.max()) for k, v in sorted(hidden_max.items())},
             "seconds": round(time.time() - t_start, 1),
             "stage_seconds": {k: round(v, 1) for k, v in times.items()},  # this run's (a resumed run's part)

@@ -15,6 +15,7 @@ the rows of the tokens it will see (read in row chunks), and the LM head is appl
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -224,3 +225,100 @@ def tokenize_calibration(
         row = ids[s * body : (s + 1) * body]
         rows.append(([bos] if bos is not None else []) + row)
     return torch.tensor(np.array(rows, dtype=np.int64).reshape(n_avail, seq_len))
+
+
+# [tokens x vocab-chunk] float32 logits of one variant stay under this many bytes.
+_LOGIT_CHUNK_BYTES = 16 << 20
+_TOKEN_CHUNK = 1024
+
+HeadTransform = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def variant_scores(
+    sk: ModelSkeleton,
+    normed: dict,
+    input_ids: torch.Tensor,
+    *,
+    positions: slice | None = None,
+    head_transforms: dict | None = None,
+) -> tuple[dict, dict]:
+    """Mean NLL of every variant in ``normed`` (key None = the unmodified model) and each one's mean KL
+    divergence from None, over the LM head streamed in vocabulary chunks.
+
+    NLL = LSE(z) - z[target]; KL(p_b || p_k) = sum_v p_b (z_b - z_k) - LSE(z_b) + LSE(z_k), each sum
+    accumulated over vocabulary chunks with a running maximum (rescaled when it moves).
+
+    Args:
+        sk: the model (its LM head is read row chunk by row chunk).
+        normed: variant key -> final hidden states ``[n_seq, S, d]`` after the final norm; None must be present.
+        input_ids: ``[n_seq, S]`` token ids (the NLL's targets are the next tokens).
+        positions: score only these positions of each sequence (default: all).
+        head_transforms: variant key -> ``f(rows, r0)`` giving that variant's head rows ``r0..`` (e.g. the head
+            quantized): the variant's logits use them instead of the checkpoint's.
+
+    Returns:
+        ``(nll, kld)``: dicts keyed like ``normed`` (``kld`` without None).
+    """
+    head = sk.output_head_path()
+    head_mod = sk.module(head)
+    has_bias = getattr(head_mod, "bias", None) is not None
+    cap = softcap(sk)
+    transforms = head_transforms or {}
+    n_seq, seq = input_ids.shape
+    targets = torch.cat([input_ids[:, 1:], torch.full((n_seq, 1), -1)], 1)
+    keep = torch.zeros(seq, dtype=torch.bool)
+    keep[positions if positions is not None else slice(None)] = True
+    targets = targets[:, keep].reshape(-1)
+    valid = targets >= 0
+    flat = {k: v[:, keep].reshape(-1, v.shape[-1]) for k, v in normed.items()}
+    keys = [None] + [k for k in flat if k is not None]
+    nll = {k: 0.0 for k in keys}
+    kld = {k: 0.0 for k in keys if k is not None}
+    n_all = int(targets.numel())
+    for t0 in range(0, n_all, _TOKEN_CHUNK):
+        t1 = min(n_all, t0 + _TOKEN_CHUNK)
+        tc = t1 - t0
+        tg = targets[t0:t1]
+        x = {k: flat[k][t0:t1].to(sk.device) for k in keys}
+        m = {k: torch.full((tc,), -math.inf, dtype=torch.float64) for k in keys}
+        ssum = {k: torch.zeros(tc, dtype=torch.float64) for k in keys}
+        tgt = {k: torch.zeros(tc, dtype=torch.float64) for k in keys}
+        cross = {k: torch.zeros(tc, dtype=torch.float64) for k in keys if k is not None}
+        vchunk = max(1, _LOGIT_CHUNK_BYTES // (4 * tc))
+        rows = sk.iter_rows(f"{head}.weight", vchunk)
+        biases = sk.iter_rows(f"{head}.bias", vchunk) if has_bias else None
+        with torch.no_grad():
+            for r0, w in rows:
+                w = w.to(sk.device)
+                b = next(biases)[1].to(sk.device) if biases is not None else None
+                r1 = r0 + w.shape[0]
+                hit = ((tg >= r0) & (tg < r1)).nonzero().flatten()
+                zb = eb = scale_b = None
+                for k in keys:
+                    wk = transforms[k](w, r0) if k in transforms else w
+                    z = x[k] @ wk.T
+                    if b is not None:
+                        z = z + b
+                    if cap:
+                        z = torch.tanh(z / cap) * cap
+                    m_new = torch.maximum(m[k], z.amax(1).double().cpu())
+                    e = torch.exp(z - m_new.to(z.device, torch.float32)[:, None])
+                    scale = torch.exp(m[k] - m_new)
+                    ssum[k] = ssum[k] * scale + e.sum(1).double().cpu()
+                    m[k] = m_new
+                    if hit.numel():
+                        tgt[k][hit] = z[hit.to(z.device), (tg[hit] - r0).to(z.device)].double().cpu()
+                    if k is None:
+                        zb, eb, scale_b = z, e, scale
+                    else:
+                        cross[k] = cross[k] * scale_b + (eb * (zb - z)).sum(1).double().cpu()
+                    del z, e, wk
+                del zb, eb, w
+        lse = {k: m[k] + torch.log(ssum[k]) for k in keys}
+        v = valid[t0:t1]
+        for k in keys:
+            nll[k] += float((lse[k] - tgt[k])[v].sum())
+            if k is not None:
+                kld[k] += float((cross[k] / ssum[None] - lse[None] + lse[k]).sum())
+    n_tok = int(valid.sum())
+    return {k: v / n_tok for k, v in nll.items()}, {k: v / n_all for k, v in kld.items()}

@@ -24,7 +24,7 @@ import torch
 from dq.analysis.artifact import SuperWeight
 from dq.analysis.collect import TensorStats
 from dq.analysis.loader import ModelSkeleton
-from dq.analysis.stream import LayerArgs, embed, final_hidden, run_layer, softcap
+from dq.analysis.stream import LayerArgs, embed, final_hidden, run_layer, variant_scores
 
 __all__ = ["Spike", "spikes_of", "select_candidates", "ablate", "super_activations", "super_experts",
            "super_expert_spikes", "whole_expert"]
@@ -142,7 +142,7 @@ def ablate(sk: ModelSkeleton, spikes: list[Spike], input_ids: torch.Tensor) -> l
             h = _run(sk, i, h, args, ablate=s if i == s.layer else None)
         normed[k] = final_hidden(sk, h)
         log.info("ablated %s[%d, %d] (layer %d)", s.tensor, s.row, s.col, s.layer)
-    nll, kld = _score(sk, normed, input_ids, len(spikes))
+    nll, kld = variant_scores(sk, normed, input_ids)
     out = []
     for k, s in enumerate(spikes):
         out.append(SuperWeight(
@@ -162,77 +162,6 @@ def _run(sk: ModelSkeleton, i: int, h: torch.Tensor, args: LayerArgs, ablate: Sp
         return run_layer(sk, i, h, args)
     finally:
         sk.free(prefix)
-
-
-# [tokens x vocab-chunk] float32 logits of one variant stay under this many bytes.
-_LOGIT_CHUNK_BYTES = 16 << 20
-_TOKEN_CHUNK = 1024
-
-
-def _score(sk: ModelSkeleton, normed: dict, input_ids: torch.Tensor, n: int) -> tuple[dict, dict]:
-    """Mean NLL of every variant in ``normed`` (None = unmodified) and KLD of each ablation vs None.
-
-    NLL = LSE(z) - z[target]; KL(p_b || p_k) = sum_v p_b (z_b - z_k) - LSE(z_b) + LSE(z_k), each sum
-    accumulated over vocabulary chunks with a running maximum (rescaled when it moves).
-    """
-    head = sk.output_head_path()
-    head_mod = sk.module(head)
-    has_bias = getattr(head_mod, "bias", None) is not None
-    cap = softcap(sk)
-    targets = torch.cat([input_ids[:, 1:], torch.full((input_ids.shape[0], 1), -1)], 1).reshape(-1)
-    valid = targets >= 0
-    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in normed.items()}
-    keys = [None] + [k for k in flat if k is not None]
-    nll = {k: 0.0 for k in keys}
-    kld = {k: 0.0 for k in range(n)}
-    n_all = int(targets.numel())
-    for t0 in range(0, n_all, _TOKEN_CHUNK):
-        t1 = min(n_all, t0 + _TOKEN_CHUNK)
-        tc = t1 - t0
-        tg = targets[t0:t1]
-        x = {k: flat[k][t0:t1].to(sk.device) for k in keys}
-        m = {k: torch.full((tc,), -math.inf, dtype=torch.float64) for k in keys}
-        ssum = {k: torch.zeros(tc, dtype=torch.float64) for k in keys}
-        tgt = {k: torch.zeros(tc, dtype=torch.float64) for k in keys}
-        cross = {k: torch.zeros(tc, dtype=torch.float64) for k in keys if k is not None}
-        vchunk = max(1, _LOGIT_CHUNK_BYTES // (4 * tc))
-        rows = sk.iter_rows(f"{head}.weight", vchunk)
-        biases = sk.iter_rows(f"{head}.bias", vchunk) if has_bias else None
-        with torch.no_grad():
-            for r0, w in rows:
-                w = w.to(sk.device)
-                b = next(biases)[1].to(sk.device) if biases is not None else None
-                r1 = r0 + w.shape[0]
-                hit = ((tg >= r0) & (tg < r1)).nonzero().flatten()
-                zb = None
-                eb = None
-                for k in keys:
-                    z = x[k] @ w.T
-                    if b is not None:
-                        z = z + b
-                    if cap:
-                        z = torch.tanh(z / cap) * cap
-                    m_new = torch.maximum(m[k], z.amax(1).double().cpu())
-                    e = torch.exp(z - m_new.to(z.device, torch.float32)[:, None])
-                    scale = torch.exp(m[k] - m_new)
-                    ssum[k] = ssum[k] * scale + e.sum(1).double().cpu()
-                    m[k] = m_new
-                    if hit.numel():
-                        tgt[k][hit] = z[hit.to(z.device), (tg[hit] - r0).to(z.device)].double().cpu()
-                    if k is None:
-                        zb, eb, scale_b = z, e, scale
-                    else:
-                        cross[k] = cross[k] * scale_b + (eb * (zb - z)).sum(1).double().cpu()
-                    del z, e
-                del zb, eb, w
-        lse = {k: m[k] + torch.log(ssum[k]) for k in keys}
-        v = valid[t0:t1]
-        for k in keys:
-            nll[k] += float((lse[k] - tgt[k])[v].sum())
-            if k is not None:
-                kld[k] += float((cross[k] / ssum[None] - lse[None] + lse[k]).sum())
-    n_tok = int(valid.sum())
-    return {k: v / n_tok for k, v in nll.items()}, {k: v / n_all for k, v in kld.items()}
 
 
 def super_activations(hidden_max: dict[int, np.ndarray], ratio: float = 50.0) -> list[dict]:

@@ -28,14 +28,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--chat-template", action="store_true", help="wrap calibration samples in the chat template")
     p.add_argument("--act-tokens", type=int, default=512, help="tokens kept per tensor for activation error")
-    p.add_argument("--grad-tokens", type=int, default=4096,
+    p.add_argument("--grad-tokens", type=int, default=8192,
                    help="calibration tokens (whole sequences) that carry a KL probe through the backward sweep: "
-                        "the damage model's sample (default 4096)")
+                        "the damage model's sample (default 8192: every calibration sequence is a probe)")
     p.add_argument("--max-elements", type=int, default=1 << 21,
                    help="measure errors on at most this many weights per tensor (seeded row subset; 0 = all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-super-weights", action="store_true", help="skip super-weight detection and ablation")
     p.add_argument("--ablation-tokens", type=int, default=1024, help="held-out tokens for ablation (default 1024)")
+    p.add_argument("--response-tokens", type=int, default=2048,
+                   help="calibration tokens on which each role's measured response to quantization is taken, "
+                        "for the planner's response factors (default 2048; 0 skips it)")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads")
     p.add_argument("--resume", action="store_true", help="skip blocks finished by an interrupted run in --out")
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         candidates=parse_candidates(args.candidates), calib_file=args.calib, n_tokens=args.tokens,
         seq_len=args.seq_len, chat_template=args.chat_template, act_tokens=args.act_tokens,
         max_elements=args.max_elements or None, device=args.device, super_weights=not args.no_super_weights,
-        ablation_tokens=args.ablation_tokens, plots=not args.no_plots, n_threads=args.threads,
+        ablation_tokens=args.ablation_tokens, response_tokens=args.response_tokens, plots=not args.no_plots,
+        n_threads=args.threads,
         grad_tokens=args.grad_tokens,
     )
     from tqdm import tqdm

@@ -6,7 +6,7 @@ import pytest
 
 from dq.analysis.analyze import AnalyzeOptions
 
-FAST = dict(n_tokens=512, seq_len=128, act_tokens=64, plots=False, ablation_tokens=128)
+FAST = dict(n_tokens=512, seq_len=128, act_tokens=64, plots=False, ablation_tokens=128, response_tokens=128)
 
 
 @pytest.fixture(scope="session")

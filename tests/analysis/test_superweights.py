@@ -41,7 +41,7 @@ def test_planted_super_weight_found_exactly(smollm2_dir, tmp_path):
     from dq.calibration import sample_calibration
 
     opts = AnalyzeOptions(candidates=("Q8_0",), n_tokens=1024, seq_len=256, act_tokens=64, plots=False,
-                          ablation_tokens=256, max_ablations=6, grad_tokens=256)
+                          ablation_tokens=256, max_ablations=6, grad_tokens=256, response_tokens=0)
     ids = sample_calibration(AutoTokenizer.from_pretrained(smollm2_dir), opts.n_tokens // opts.seq_len, opts.seq_len,
                              seed=opts.seed).ids
     x_max, y_max = _down_proj_maxima(smollm2_dir, ids)
@@ -98,7 +98,7 @@ def test_planted_super_expert_is_found_ablated_and_protected(tiny_llama_dir, tmp
     save_file(sd, model / "model.safetensors", metadata={"format": "pt"})
     a = analyze(model, tmp_path / "an", AnalyzeOptions(candidates=("Q4_K", "IQ2_XXS", "IQ1_S"), n_tokens=512,
                                                        seq_len=128, grad_tokens=256, act_tokens=64, plots=False,
-                                                       ablation_tokens=256))
+                                                       ablation_tokens=256, response_tokens=0))
     found = [e for e in a.extra["super_experts"] if e["layer"] == 1 and e["expert"] == 2]
     assert found and found[0]["ablation_kld"] >= Policy().super_expert_min_kld, a.extra["super_experts"]
     inputs = load_plan_inputs(tmp_path / "an")

@@ -26,6 +26,7 @@ def moe(tiny_llama_dir, tmp_path_factory):
     # types the routed experts need and every policy floor stay measured
     cands = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0")
     analyze(model, root / "analysis", AnalyzeOptions(n_tokens=512, seq_len=256, ablation_tokens=256, plots=False,
+                                                     response_tokens=256,
                                                      candidates=cands))
     return model, root / "analysis"
 
