@@ -86,7 +86,8 @@ def main() -> None:
         t1 = time.time()
         g = run_kld(q, hf, gpu)  # the first run also computes the base pass (HF on the GPU), cached for both
         t2 = time.time()
-        c = run_kld(q, hf, cpu)
+        # llama.cpp's own BF16 GGUF as its base (the same tokenizer as the quant on any transformers build)
+        c = run_kld(q, base if args.model else hf, cpu)
         t3 = time.time()
         rows.append({"preset": preset, "bytes": q.stat().st_size, "kld_gpu": g.kld_mean, "kld_cpu": c.kld_mean,
                      "kld_stderr_cpu": c.kld_mean_stderr, "same_top_gpu": g.same_top, "same_top_cpu": c.same_top,
