@@ -55,6 +55,12 @@ log = logging.getLogger(__name__)
 ANCHORS: tuple[QuantFormat, ...] = (QuantFormat.IQ1_S, QuantFormat.IQ2_XXS, QuantFormat.Q3_K)
 
 
+# the embedding is a lookup (and a tied head's other half); vision is off the text path; norms and routers stay
+# in their source type
+_NOT_MEASURED = frozenset({TensorRole.EMBEDDING, TensorRole.VISION, TensorRole.PROJECTOR, TensorRole.NORM,
+                           TensorRole.ROUTER})
+
+
 @dataclass(frozen=True)
 class RoleResponse:
     """The mean KLD (nats per scored token) of the model with every ``role`` tensor stored as ``type``."""
@@ -80,8 +86,7 @@ def response_tensors(sk: ModelSkeleton, tensors: Sequence[TensorMeasurement]) ->
     head = f"{sk.output_head_path()}.weight" if not sk.tied_output() else None
     groups: dict[str, list[TensorMeasurement]] = {}
     for t in tensors:
-        if (len(t.shape) != 2 or uses[t.hf_name] > 1 or t.role in (TensorRole.EMBEDDING, TensorRole.VISION,
-                                                                   TensorRole.PROJECTOR)
+        if (len(t.shape) != 2 or uses[t.hf_name] > 1 or t.role in _NOT_MEASURED
                 or (t.layer is None and t.hf_name != head) or not t.errors):
             continue
         groups.setdefault(t.role.value, []).append(t)
