@@ -59,7 +59,8 @@ class LibggmlQuantizer:
     def __call__(self, choice: TensorChoice, raw: np.ndarray, weights: np.ndarray | None) -> bytes | np.ndarray:
         if choice.stored is choice.source:
             return raw
-        parts = [libggml.requantize(part, choice.source, choice.shape[-2:], choice.stored, im,
+        shape = choice.shape[1:] if len(choice.shape) == 3 else choice.shape  # one expert's, or the whole tensor's
+        parts = [libggml.requantize(part, choice.source, shape, choice.stored, im,
                                     n_threads=self.n_threads, pool=self.pool)
                  for part, im in _expert_slices(choice, raw, weights)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
