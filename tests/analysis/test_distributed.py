@@ -2,8 +2,8 @@
 
 Each run is the real thing: `dq analyze --nproc 2`, which re-starts itself under `torchrun --nproc-per-node 2`.
 What may differ between the two is only the order of float sums (imatrix sums, Fisher mass, the probe
-gradients' float32 GEMMs on one thread instead of two): libggml's bytes must be identical, errors and
-predicted KLDs agree within ``RTOL``, and the plans are the same.
+gradients' float32 GEMMs on one thread instead of two): errors and predicted KLDs agree within the measured tolerances below,
+token and routing counts are exact, and the plans are the same.
 """
 
 from __future__ import annotations
@@ -22,17 +22,24 @@ from dq.analysis.analyze import AnalyzeOptions, analyze
 from dq.analysis.artifact import Analysis
 from dq.quant.imatrix import read_imatrix
 
-# measured: bytes identical; weight errors and predicted KLDs equal (dense) or within 4e-16 (experts, whose
-# error sums are added over the ranks' expert shares); activation errors within 5e-8 (float sum order)
-RTOL = 1e-6
+# The ranks' activations come from float32 GEMMs of other shapes and thread counts (one thread per rank,
+# half the sequences), saved between blocks in the model's bf16, so the imatrix sums agree within 1e-4, not
+# bitwise; libggml's imatrix-weighted scale search is discontinuous, and on SmolLM2's dequantized-Q4_1
+# weights many Q4_K/Q6_K blocks sit near a tie. Measured on a 2-core laptop (2026-12-07): imatrix sums
+# 1.4e-5 apart; per tensor, weight errors up to 1.0e-2, act errors 1.2e-2 and predicted KLDs 6.4e-2 apart
+# (Q4_K ffn_down, whose error is 3e-4); summed over the model per type, 5e-3 at most. Different seeds move
+# per-tensor predictions by ~20%; a rank's tokens dropped or counted twice breaks the exact token counts.
+TENSOR_RTOL = 0.15
+TOTAL_RTOL = 2e-2
+IMATRIX_RTOL = 1e-4
 CANDS = ("Q6_K", "Q4_K", "Q2_K", "IQ2_XXS")
 ARGS = ["--tokens", "768", "--seq-len", "128", "--grad-tokens", "384", "--act-tokens", "64", "--max-elements", "65536",
-        "--ablation-tokens", "128", "--no-plots", "--candidates", ",".join(CANDS)]
+        "--ablation-tokens", "128", "--response-tokens", "256", "--no-plots", "--candidates", ",".join(CANDS)]
 
 
 def _options() -> AnalyzeOptions:
     return AnalyzeOptions(n_tokens=768, seq_len=128, grad_tokens=384, act_tokens=64, max_elements=65536,
-                          ablation_tokens=128, plots=False, candidates=CANDS)
+                          ablation_tokens=128, response_tokens=256, plots=False, candidates=CANDS)
 
 
 def _dq_analyze(model, out: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -45,6 +52,7 @@ def _assert_same(one: Path, two: Path) -> None:
     a1, a2 = Analysis.load(one / "analysis.json"), Analysis.load(two / "analysis.json")
     t1, t2 = a1.by_name(), a2.by_name()
     assert t1.keys() == t2.keys()
+    totals: dict[tuple[str, str], list[float]] = {}
     for name, x in t1.items():
         y = t2[name]
         assert (x.shape, x.role, x.max_abs) == (y.shape, y.role, y.max_abs), name
@@ -55,14 +63,23 @@ def _assert_same(one: Path, two: Path) -> None:
                 v1, v2 = getattr(e1, f), getattr(e2, f)
                 assert (v1 is None) == (v2 is None), (name, f)
                 if v1 is not None:
-                    assert v2 == pytest.approx(v1, rel=RTOL, abs=1e-12), (name, e1.requested, f)
+                    assert v2 == pytest.approx(v1, rel=TENSOR_RTOL, abs=1e-12), (name, e1.requested, f)
+                    tot = totals.setdefault((f, e1.requested.name), [0.0, 0.0])
+                    tot[0], tot[1] = tot[0] + v1, tot[1] + v2
+    for key, (s1, s2) in totals.items():
+        assert s2 == pytest.approx(s1, rel=TOTAL_RTOL), key
     im1, im2 = read_imatrix(one / "imatrix.gguf"), read_imatrix(two / "imatrix.gguf")
     assert im1.entries.keys() == im2.entries.keys()
     for k, e in im1.entries.items():
         np.testing.assert_array_equal(e.counts, im2.entries[k].counts)  # token and routing counts: exact
-        np.testing.assert_allclose(im2.entries[k].sums, e.sums, rtol=1e-6)
+        np.testing.assert_allclose(im2.entries[k].sums, e.sums, rtol=IMATRIX_RTOL)
     assert [(s.layer, s.row, s.col) for s in a1.super_weights] == [(s.layer, s.row, s.col) for s in a2.super_weights]
-    assert a1.extra["spikes"] == a2.extra["spikes"]  # maxima over ranks, the earliest token on a tie
+    s1, s2 = a1.extra["spikes"], a2.extra["spikes"]  # maxima over ranks, the earliest token on a tie
+    assert len(s1) == len(s2)
+    for x, y in zip(s1, s2):
+        assert x.keys() == y.keys()
+        for k, v in x.items():  # where the spikes are: exact; their sizes: float32 apart
+            assert y[k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v), (x["tensor"], k)
     assert a2.extra["options"] == a1.extra["options"]
 
 
