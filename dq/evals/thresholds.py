@@ -13,7 +13,8 @@ The file (llm-compressor's ``tests/lmeval/configs`` pattern: model, scheme, metr
       - model: smollm2-135m       # base: packaged model name or HF directory
         preset: Q4_K_M            # llama.cpp preset built with dq's quantizer ...
         tensor_type: []           #   ... with optional REGEX=TYPE overrides and
-        imatrix: null             #   an optional imatrix (GGUF imatrix file)
+        imatrix: null             #   an optional imatrix (GGUF imatrix file; `auto`: the imatrix of the
+                                  #   settings.analyze analysis, the one `plan: auto` entries use)
         # quant: path/to/file.gguf  (instead of preset: an already-built quant)
         # plan: auto + target_size: 75MB (or target_bpw)  (instead of preset: dq's own plan, analysed
         #   with settings.analyze, e.g. {n_tokens: 2048, grad_tokens: 1024, candidates: "Q8_0,Q4_K,..."})
@@ -50,7 +51,7 @@ _SETTINGS_KEYS = {"ctx", "chunks", "topk", "tail_samples", "tasks_limit", "mmlu_
                   "analyze"}
 _ENTRY_KEYS = {"name", "model", "preset", "tensor_type", "imatrix", "quant", "plan", "target_size", "target_bpw",
                "bounds"}
-AUTO = Path("auto")  # `plan: auto`: analyse (settings.analyze), plan under the entry's budget, quantize
+AUTO = Path("auto")  # `plan: auto`: analyse (settings.analyze), plan under the budget, quantize; `imatrix: auto`: its imatrix
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,8 @@ def load_thresholds(path: str | Path) -> Thresholds:
         try:
             entries.append(ThresholdEntry(
                 model=model, bounds=tuple(bounds), preset=preset,
-                tensor_type=tuple(e.get("tensor_type") or ()), imatrix=rel(e.get("imatrix")),
+                tensor_type=tuple(e.get("tensor_type") or ()),
+                imatrix=AUTO if e.get("imatrix") == "auto" else rel(e.get("imatrix")),
                 quant=rel(e.get("quant")), name=e.get("name"),
                 plan=AUTO if e.get("plan") == "auto" else rel(e.get("plan")),
                 target_size=e.get("target_size"), target_bpw=e.get("target_bpw"),
@@ -370,19 +372,23 @@ def run_check(thresholds: Thresholds | str | Path, *, cache_root: Path | None = 
         >>> res = run_check("evals/thresholds.yaml")          # doctest: +SKIP
         >>> [f"{r.entry}: {r.metric} {r.why}" for r in res.failures]   # doctest: +SKIP
     """
+    from dq.analysis.artifact import imatrix_beside
     from dq.evals.runner import evaluate
 
     th = thresholds if isinstance(thresholds, Thresholds) else load_thresholds(thresholds)
     result = CheckResult()
     for e in th.entries:
+        imatrix = e.imatrix
+        if imatrix == AUTO:
+            imatrix = imatrix_beside(auto_analysis(e.model, th.analyze, cache_root=cache_root) / "analysis.json")
         if e.quant is not None:
             quant = e.quant
         elif e.plan is not None:
             plan = (auto_plan(e.model, th.analyze, e.target_size, e.target_bpw, cache_root=cache_root)
                     if e.plan == AUTO else e.plan)
-            quant = build_plan_quant(e.model, plan, e.imatrix, cache_root=cache_root)
+            quant = build_plan_quant(e.model, plan, imatrix, cache_root=cache_root)
         else:
-            quant = build_quant(e.model, e.preset, e.tensor_type, e.imatrix, cache_root=cache_root)
+            quant = build_quant(e.model, e.preset, e.tensor_type, imatrix, cache_root=cache_root)
         if not Path(quant).exists():
             raise ModelNotFoundError(f"{e.label}: quant {str(quant)!r} does not exist; build it or fix 'quant:'")
         log.info("checking %s (%s)", e.label, quant)

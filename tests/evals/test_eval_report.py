@@ -51,9 +51,15 @@ def test_not_a_report(tmp_path):
 
 
 def test_repo_thresholds_parse():
+    from dq.evals.thresholds import AUTO
+
     th = load_thresholds(REPO / "evals" / "thresholds.yaml")
-    assert {e.preset for e in th.entries} >= {"Q4_K_M", "Q2_K"}
+    assert {e.preset for e in th.entries} >= {"Q4_K_M", "Q2_K", "IQ2_XXS"}
     assert all(e.model == "smollm2-135m" for e in th.entries)
+    # dq's plan at the stock IQ2_XXS file's size is checked beside that file, quantized with the same imatrix
+    stock = next(e for e in th.entries if e.preset == "IQ2_XXS")
+    assert stock.imatrix == AUTO
+    assert any(e.plan == AUTO and e.target_size == 83826368 for e in th.entries)
 
 
 @pytest.mark.parametrize("doc, match", [

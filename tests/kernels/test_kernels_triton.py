@@ -5,8 +5,6 @@ relative. One weight rounded to a different level would move a row's sse by ~1e-
 1e-5 bound also checks that the kernel's quantization decisions equal ggml's.
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -14,8 +12,6 @@ import torch
 from tests._require import require
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
 triton = require("triton")
 
 from dq.kernels import act_stats, dequantize, quant_error  # noqa: E402

@@ -7,8 +7,6 @@ are compared). Float32 outputs are compared as bit patterns (so -0.0 must be -0.
 the torch reference :mod:`dq.kernels.ref_dequant`.
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,6 @@ import torch
 from tests._require import require
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
 triton = require("triton")
 
 from dq.kernels import api as kernels_api  # noqa: E402

@@ -5,16 +5,12 @@ Compiled on a GPU, under TRITON_INTERPRET=1 on CPUs. The torch loops are themsel
 the ports through these kernels.
 """
 
-import os
-
 import pytest
 import torch
 
 from tests._require import require
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
 require("triton")
 
 from dq.kernels import _triton_lattice as tk  # noqa: E402
