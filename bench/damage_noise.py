@@ -23,10 +23,17 @@ import numpy as np
 TYPES = ("Q4_K", "IQ2_XXS", "IQ1_S")
 
 
-def _klds(path: Path) -> dict[tuple[str, str], float]:
+def _klds(path: Path, seed: int, grad_tokens: int) -> tuple[dict[tuple[str, str], float], int]:
+    """A cached analysis's per-tensor predicted KLDs and its probe count; refuses one made with other settings."""
     a = json.loads(path.read_text())
-    return {(t["name"], e["requested"]): e["kld"] for t in a["tensors"] if t.get("layer") is not None
+    opts = a["extra"]["options"]
+    made = (opts["seed"], opts["grad_tokens"], tuple(opts["candidates"]))
+    if made != (seed, grad_tokens, TYPES):
+        raise SystemExit(f"{path} was analysed with seed/grad tokens/candidates {made}, not "
+                         f"{(seed, grad_tokens, TYPES)}: delete its folder to re-analyse")
+    klds = {(t["name"], e["requested"]): e["kld"] for t in a["tensors"] if t.get("layer") is not None
             for e in t.get("errors", ()) if e.get("kld")}
+    return klds, int(a["extra"]["damage_model"]["probes"])
 
 
 def noise(a: dict, b: dict, fmt: str) -> tuple[float, int]:
@@ -59,11 +66,11 @@ def main() -> None:
                 analyze(args.model, out, AnalyzeOptions(seed=seed, grad_tokens=grad, candidates=TYPES,
                                                         super_weights=False, plots=False, response_tokens=0),
                         resume=True)
-            runs[seed] = _klds(out / "analysis.json")
+            runs[seed], probes = _klds(out / "analysis.json", seed, grad)
             logging.info("seed %d, grad tokens %d: %.0f s", seed, grad, time.time() - t0)
         for fmt in TYPES:
             vals = [noise(runs[a], runs[b], fmt) for a, b in itertools.combinations(args.seeds, 2)]
-            rows.append({"grad_tokens": grad, "probes": grad // 512, "type": fmt, "tensors": vals[0][1],
+            rows.append({"grad_tokens": grad, "probes": probes, "type": fmt, "tensors": vals[0][1],
                          "relative_noise": float(np.mean([v for v, _ in vals]))})
     lines = ["| probes (grad tokens) | type | tensors | relative noise of one analysis per tensor |",
              "|---|---|---|---|"]

@@ -40,14 +40,16 @@ log = logging.getLogger(__name__)
 
 
 def _expert_slices(choice: TensorChoice, raw: np.ndarray, weights: np.ndarray | None):
-    """``(payload, imatrix row or None)`` per expert (one slice for a 2-D tensor)."""
-    experts = choice.shape[0] if len(choice.shape) == 3 else 1
+    """``(payload, its shape, imatrix row or None)`` per expert of a merged 3-D tensor; one slice, the whole
+    tensor's, for any other (2-D, or a vision conv's 4-D/5-D)."""
+    merged = len(choice.shape) == 3
+    experts, shape = (choice.shape[0], choice.shape[1:]) if merged else (1, choice.shape)
     per = raw.nbytes // experts
     for i in range(experts):
         im = None
         if weights is not None and not FORMATS[choice.stored].is_float:
             im = weights[i if weights.shape[0] > 1 else 0]
-        yield raw[i * per:(i + 1) * per], im
+        yield raw[i * per:(i + 1) * per], shape, im
 
 
 class LibggmlQuantizer:
@@ -59,10 +61,9 @@ class LibggmlQuantizer:
     def __call__(self, choice: TensorChoice, raw: np.ndarray, weights: np.ndarray | None) -> bytes | np.ndarray:
         if choice.stored is choice.source:
             return raw
-        shape = choice.shape[1:] if len(choice.shape) == 3 else choice.shape  # one expert's, or the whole tensor's
         parts = [libggml.requantize(part, choice.source, shape, choice.stored, im,
                                     n_threads=self.n_threads, pool=self.pool)
-                 for part, im in _expert_slices(choice, raw, weights)]
+                 for part, shape, im in _expert_slices(choice, raw, weights)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -102,7 +103,7 @@ class KernelQuantizer:
         in_row = row_nbytes(choice.source, n_per_row)
         out = np.empty(raw.nbytes // in_row * out_row, dtype=np.uint8)
         pos = 0
-        for part, im in _expert_slices(choice, raw, weights):
+        for part, _, im in _expert_slices(choice, raw, weights):
             imt = None if im is None else self._to_device(np.ascontiguousarray(im, dtype=np.float32))
             rows = part.nbytes // in_row
             step = max(1, self.chunk_weights // n_per_row)

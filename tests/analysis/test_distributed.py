@@ -2,8 +2,8 @@
 
 Each run is the real thing: `dq analyze --nproc 2`, which re-starts itself under `torchrun --nproc-per-node 2`.
 What may differ between the two is only the order of float sums (imatrix sums, Fisher mass, the probe
-gradients' float32 GEMMs on one thread instead of two): errors and predicted KLDs agree within the measured tolerances below,
-token and routing counts are exact, and the plans are the same.
+gradients' float32 GEMMs on one thread instead of two): errors and predicted KLDs agree within the measured
+tolerances below, token and routing counts are exact, and the plans are the same.
 """
 
 from __future__ import annotations
