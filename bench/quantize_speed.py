@@ -120,7 +120,7 @@ def main() -> None:
                 for key, device in paths:
                     ours = Path(tmp) / f"dq-{key}.gguf"
                     t0 = time.perf_counter()
-                    a = assign_preset(src, preset, overrides)
+                    a = assign_preset(src, preset, overrides, has_imatrix=True)
                     quantize_gguf(src, ours, a, imatrix=imatrix, imatrix_name=im_path.name,
                                   preset_ftype=PRESETS[preset], device=device, n_threads=args.threads)
                     times[key].append(time.perf_counter() - t0)

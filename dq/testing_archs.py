@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,8 @@ _QWEN2_VL_PREPROCESSOR = {
 _BPE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def tiny_arch(arch: str, out_dir: str | Path, *, bpe_tokenizer_dir: str | Path | None = None, seed: int = 0) -> Path:
+def tiny_arch(arch: str, out_dir: str | Path, *, bpe_tokenizer_dir: str | Path | None = None, seed: int = 0,
+              config: Mapping[str, Any] | None = None) -> Path:
     """Write a tiny random ``arch`` model (bf16 safetensors + tokenizer) to ``out_dir``.
 
     Args:
@@ -145,6 +146,8 @@ def tiny_arch(arch: str, out_dir: str | Path, *, bpe_tokenizer_dir: str | Path |
         bpe_tokenizer_dir: a model directory whose BPE tokenizer to copy (required for :data:`BPE_ONLY`,
             used for every architecture when given).
         seed: weights seed.
+        config: config attributes to change (of the text config for a vision-language model), e.g.
+            ``{"num_hidden_layers": 16, "num_local_experts": 8}``.
 
     Raises:
         ValueError: unknown ``arch``, or a BPE-only one without ``bpe_tokenizer_dir``.
@@ -174,6 +177,11 @@ def tiny_arch(arch: str, out_dir: str | Path, *, bpe_tokenizer_dir: str | Path |
         }))
     cfg, architecture = ARCHITECTURES[arch](vocab)
     cfg.architectures = [architecture]
+    text = getattr(cfg, "text_config", None) or cfg
+    for key, value in (config or {}).items():
+        setattr(text, key, value)
+        if key == "num_hidden_layers" and getattr(text, "layer_types", None):
+            text.layer_types = [text.layer_types[i % len(text.layer_types)] for i in range(value)]
     torch.manual_seed(seed)
     auto = AutoModelForImageTextToText if arch == "qwen2_vl" else AutoModelForCausalLM
     model = auto.from_config(cfg, dtype=torch.float32)

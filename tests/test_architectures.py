@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dq.testing_archs import ARCHITECTURES, BPE_ONLY
+from tests.preset_oracle import assert_presets_match_dry_run
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +118,7 @@ def test_architecture_end_to_end(arch, smollm2_dir, tmp_path):
     model_dir = tiny_arch(arch, tmp_path / arch, bpe_tokenizer_dir=smollm2_dir if arch in BPE_ONLY else None)
     analysis = analyze(model_dir, tmp_path / "analysis", AnalyzeOptions(**OPTS))
     inputs = load_plan_inputs(tmp_path / "analysis")
+    assert_presets_match_dry_run(inputs.source_gguf)  # llama.cpp's preset rules, as dq ports them, on this arch
     q8 = sum(math.ceil(math.prod(s.shape) * 8.5 / 8) for s in inputs.sources if len(s.shape) >= 2
              and s.name not in inputs.mmproj_names)
     try:

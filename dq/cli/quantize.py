@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         assignment, imatrix_path, plan, mm = _plan_assignment(args, model, output, src, overrides)
         preset_ftype = None
     else:
-        assignment = assign_preset(src, preset, overrides)
+        assignment = assign_preset(src, preset, overrides, has_imatrix=imatrix_path is not None)
         preset_ftype = PRESETS[preset]
     imatrix = read_imatrix(imatrix_path) if imatrix_path else None
     _report_fallbacks(assignment)

@@ -276,7 +276,7 @@ def build_quant(model: str | Path, preset: str, tensor_type: tuple[str, ...] = (
     out.parent.mkdir(parents=True, exist_ok=True)
     overrides = [parse_tensor_type(t) for t in tensor_type]
     im = read_imatrix(imatrix) if imatrix is not None else None
-    assignment = assign_preset(src, preset, overrides)
+    assignment = assign_preset(src, preset, overrides, has_imatrix=im is not None)
     log.info("quantizing %s to %s -> %s", src, preset, out)
     quantize_gguf(src, out, assignment, imatrix=im, imatrix_name=Path(imatrix).name if imatrix else None,
                   preset_ftype=PRESETS[preset])

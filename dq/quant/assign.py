@@ -1,6 +1,7 @@
 """Per-tensor type assignment: llama.cpp preset mix, ``--tensor-type`` overrides, or an explicit map.
 
-The preset's own per-tensor decisions come from llama.cpp (a dry run of ``llama_model_quantize``), so
+The preset's own per-tensor decisions are llama.cpp's rules (ported in :mod:`dq.quant.preset_rules` and
+checked against a dry run of ``llama_model_quantize``, which still decides on other architectures), so
 ``--type Q4_K_M`` means exactly what it means to llama-quantize. Overrides keep llama-quantize's
 meaning (``regex_search`` on the GGUF tensor name, first match wins, only tensors llama.cpp would
 quantize) but are applied on top of the preset's decisions, so overriding some layers of a class never
@@ -16,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from dq.errors import PlanError, UnknownFormatError
 from dq.quant.formats import FORMATS, QuantFormat, effective_format, parse_format, tensor_nbytes
@@ -176,15 +179,28 @@ def assign_preset(
     preset: str,
     overrides: Sequence[tuple[str, QuantFormat]] = (),
     explicit: Mapping[str, QuantFormat] | None = None,
+    *,
+    has_imatrix: bool = False,
 ) -> TypeAssignment:
-    """llama.cpp's per-tensor choice for ``preset`` on this file (a dry run), then ``overrides``/``explicit``."""
+    """llama.cpp's per-tensor choice for ``preset`` on this file, then ``overrides``/``explicit``.
+
+    The preset's rules run in Python (:mod:`dq.quant.preset_rules`); on an architecture that port is not
+    verified on, llama.cpp's own dry run decides. ``has_imatrix``: the file will be quantized with an
+    importance matrix (llama.cpp's IQ3_XXS, IQ4_NL/IQ4_XS and Q4_0/Q5_0 mixes choose differently then).
+    """
+    from dq.quant.gguf_header import read_gguf_header
     from dq.quant.llama_quantize import llama_quantize, parse_preset
+    from dq.quant.preset_rules import preset_types
 
     preset = parse_preset(preset)
-    decided = llama_quantize(gguf_path, None, preset, dry_run=True)
-    sources = read_source_tensors(gguf_path)
+    header = read_gguf_header(gguf_path)
+    decided = preset_types(header, preset, has_imatrix=has_imatrix)
+    if decided is None:
+        # llama.cpp only asks whether an imatrix is given: any one entry tells its dry run so
+        flag = {"dq.dry_run": np.ones(1, np.float32)} if has_imatrix else None
+        decided = llama_quantize(gguf_path, None, preset, dry_run=True, imatrix=flag)
     return assign_types(
-        sources,
+        read_source_tensors(header),
         preset_types=decided.types,
         preset_requested=decided.requested,
         preset=preset,

@@ -71,6 +71,21 @@ class GGUFHeader:
             return struct.unpack_from("<" + _SCALAR[vtype], raw, pos)[0]
         return None
 
+    def first(self, key: str):
+        """A scalar KV value, or the first element of a numeric array (per-layer hparams); None if absent."""
+        raw = self.kv.get(key)
+        if raw is None:
+            return None
+        (klen,) = struct.unpack_from("<Q", raw, 0)
+        pos = 8 + klen
+        (vtype,) = struct.unpack_from("<I", raw, pos)
+        if vtype != _ARRAY:
+            return self.value(key)
+        itype, count = struct.unpack_from("<IQ", raw, pos + 4)
+        if count == 0 or itype not in _SCALAR:
+            return None
+        return struct.unpack_from("<" + _SCALAR[itype], raw, pos + 16)[0]
+
     @functools.cached_property
     def _file(self):
         return open(self.path, "rb")  # one handle for every tensor's map (opening per tensor cost ~0.2 ms each)
