@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--analysis", type=Path, default=None,
                     help="a dq analyze directory for the imatrix (default: made once with a small budget "
-                         "under $DQ_CACHE/bench/analysis/MODEL)")
+                         "under $DQ_CACHE/bench/analysis/MODEL-speed)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/quantize_speed.json"))
     ap.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=sorted(RECIPES))
     ap.add_argument("--device", default=None, help="also time dq's kernel path on this device (e.g. cuda)")
@@ -94,7 +94,8 @@ def main() -> None:
     if args.imatrix == "random":
         im_path = random_imatrix(src, Path(tempfile.gettempdir()) / "dq-bench-random.imatrix.gguf")
     else:
-        args.analysis = args.analysis or cache_dir() / "bench" / "analysis" / Path(args.model).name
+        # not MODEL itself: bench/quality_vs_size.py keeps its full-budget analysis there
+        args.analysis = args.analysis or cache_dir() / "bench" / "analysis" / f"{Path(args.model).name}-speed"
         if not (args.analysis / "imatrix.gguf").is_file():
             analyze(args.model, args.analysis, AnalyzeOptions(n_tokens=2048, super_weights=False, plots=False),
                     resume=True)
