@@ -12,7 +12,10 @@ Prints a table and writes ``bench/results/quality_vs_size_<model>.{json,md,png}`
 
 Resumable: each measured row is kept under ``<work>/rows/`` keyed by the file's name, size and mtime and the
 KLD settings, and a dq file whose saved plan assigns the same types is not written again, so a rerun after
-an interruption measures only what is missing. Every file also gets the damage model's prediction (the sum
+an interruption measures only what is missing. ``--carry-over`` re-measures only the budgets named by
+``--presets``/``--recipes`` and keeps the other rows of the committed JSON, marked in the table; a dq row is
+kept only if re-planning its budget now gives the same plan (the fingerprint of its types, ``plan_sha``), so
+a planner change cannot hide behind an old row. Every file also gets the damage model's prediction (the sum
 of the analysis's per-tensor ``kld`` at the file's types), stock and recipe files included.
 """
 
@@ -162,7 +165,41 @@ def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chu
             plan.save(saved)
         rows.append(_kld_row(name, f"dq @ {budget}", "dq", budget, ours, base, cfg, n_weights, rows_dir, plan,
                              plan_s))
+        rows[-1]["plan_sha"] = plan_sha(plan)
     return rows
+
+
+def plan_sha(plan) -> str:
+    """A fingerprint of a plan's types: equal fingerprints, byte-identical files."""
+    import hashlib
+
+    types = sorted((n, f.value) for n, f in plan.explicit_types().items())
+    return hashlib.sha256(json.dumps(types).encode()).hexdigest()[:16]
+
+
+def carry_over(rows: list[dict], old_json: Path, adir: Path) -> list[dict]:
+    """``rows`` plus the rows of ``old_json`` for budgets not in ``rows``, in the old order.
+
+    Raises:
+        SystemExit: a carried dq row's plan changed (its budget must be re-measured).
+    """
+    from dq.plan.planner import load_plan_inputs, make_plan
+
+    done = {r["budget"] for r in rows}
+    old = [r for r in json.loads(old_json.read_text())["rows"] if r["budget"] not in done]
+    inputs = load_plan_inputs(adir)
+    for r in old:
+        if r["kind"] != "dq":
+            continue
+        ref = next(x for x in old if x["budget"] == r["budget"] and x["kind"] != "dq")
+        now = plan_sha(make_plan(inputs, ref["bytes"]))
+        if r.get("plan_sha") != now:
+            raise SystemExit(f"{r['file']}: the plan at this budget is not the one measured (plan fingerprint "
+                             f"{r.get('plan_sha', 'not recorded')} -> {now}); run its budget too")
+    carried = [{**r, "carried": True} for r in old]
+    order = [r["budget"] for r in json.loads(old_json.read_text())["rows"]]
+    return sorted(rows + carried, key=lambda r: (order.index(r["budget"]) if r["budget"] in order else len(order),
+                                                  r["kind"] == "dq"))
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
@@ -188,7 +225,7 @@ def table(rows: list[dict], ver: list[dict]) -> str:
              "PPL ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pred = "-" if r.get("predicted_kld") is None else f"{r['predicted_kld']:.4g}"
-        lines.append(f"| {r['model']} | {r['file']} | {r['bytes']:,} | {r['bpw']:.3f} | {r['kld_mean']:.4f} ± "
+        lines.append(f"| {r['model']} | {r['file']}{' (c)' if r.get('carried') else ''} | {r['bytes']:,} | {r['bpw']:.3f} | {r['kld_mean']:.4f} ± "
                      f"{r['kld_mean_stderr']:.4f} | {pred} | {r['kld_p999']:.3f} | {100 * r['same_top']:.1f}% | "
                      f"{r['ppl_ratio']:.3f} |")
     lines += ["", "| model | budget | dq KLD / reference KLD | reference | target | met |", "|---|---|---|---|---|---|"]
@@ -241,6 +278,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--work", type=Path, default=None, help="analyses, GGUFs, tensor cache (default $DQ_CACHE/bench)")
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
+    ap.add_argument("--carry-over", action="store_true",
+                    help="keep the committed rows of budgets not run now (dq rows only if their plan is unchanged)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = args.work or cache_dir() / "bench"
@@ -248,14 +287,20 @@ def main() -> None:
     for m in args.models:
         recipes = list(RECIPES.get(m, {})) if args.recipes is None else args.recipes
         rows = run_model(m, work, args.presets, recipes, args.chunks, args.ctx)
+        stem = f"quality_vs_size_{m}"  # model names hold dots (qwen2.5-coder-1.5b): no with_suffix
+        if args.carry_over:
+            rows = carry_over(rows, args.results / f"{stem}.json", work / "analysis" / m)
         ver = verdicts(rows)
         text = table(rows, ver)
         print(text)
-        stem = f"quality_vs_size_{m}"  # model names hold dots (qwen2.5-coder-1.5b): no with_suffix
         (args.results / f"{stem}.json").write_text(json.dumps({"rows": rows, "verdicts": ver}, indent=1))
         cmd = (f"python bench/quality_vs_size.py --models {m} --chunks {args.chunks}"
                + (f" --presets {' '.join(args.presets)}" if args.presets != PRESETS else "")
-               + (f" --recipes {' '.join(recipes)}" if recipes != list(RECIPES.get(m, {})) else ""))
+               + (f" --recipes {' '.join(recipes)}" if recipes != list(RECIPES.get(m, {})) else "")
+               + (" --carry-over" if args.carry_over else ""))
+        if any(r.get("carried") for r in rows):
+            text += ("\n\n(c): carried over from the previous run of this table (same analysis settings and KLD "
+                     "text); each carried dq row's budget re-planned now gives the same plan.")
         (args.results / f"{stem}.md").write_text(f"# Quality vs size: {m}\n\n`{cmd}`\n\n{text}\n")
         plot(rows, args.results / f"{stem}.png")
 
