@@ -13,9 +13,10 @@ Prints a table and writes ``bench/results/quality_vs_size_<model>.{json,md,png}`
 Resumable: each measured row is kept under ``<work>/rows/`` keyed by the file's name, size and mtime and the
 KLD settings, and a dq file whose saved plan assigns the same types is not written again, so a rerun after
 an interruption measures only what is missing. ``--carry-over`` re-measures only the budgets named by
-``--presets``/``--recipes`` and keeps the other rows of the committed JSON, marked in the table; a dq row is
-kept only if re-planning its budget now gives the same plan (the fingerprint of its types, ``plan_sha``), so
-a planner change cannot hide behind an old row. Every file also gets the damage model's prediction (the sum
+``--presets``/``--recipes`` and keeps the other rows of the committed JSON, marked in the table; a kept dq
+row counts only if re-planning its budget now gives the same plan (the fingerprint of its types,
+``plan_sha``); otherwise it is marked stale and gets no verdict, so a planner change cannot hide behind an
+old row. Every file also gets the damage model's prediction (the sum
 of the analysis's per-tensor ``kld`` at the file's types), stock and recipe files included.
 """
 
@@ -169,6 +170,9 @@ def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chu
     return rows
 
 
+_CARRIED_MARK = {"reference": " (c)", "same plan": " (c)", "stale": " (s)"}
+
+
 def plan_sha(plan) -> str:
     """A fingerprint of a plan's types: equal fingerprints, byte-identical files."""
     import hashlib
@@ -180,24 +184,23 @@ def plan_sha(plan) -> str:
 def carry_over(rows: list[dict], old_json: Path, adir: Path) -> list[dict]:
     """``rows`` plus the rows of ``old_json`` for budgets not in ``rows``, in the old order.
 
-    Raises:
-        SystemExit: a carried dq row's plan changed (its budget must be re-measured).
-    """
+    A carried dq row is marked ``carried: "same plan"`` where re-planning its budget now gives the plan it
+    measured (equal ``plan_sha``), else ``carried: "stale"``: it measured another plan (an older planner or
+    analysis), and its verdict says so instead of a ratio."""
     from dq.plan.planner import load_plan_inputs, make_plan
 
     done = {r["budget"] for r in rows}
-    old = [r for r in json.loads(old_json.read_text())["rows"] if r["budget"] not in done]
+    everything = json.loads(old_json.read_text())["rows"]
+    old = [r for r in everything if r["budget"] not in done]
     inputs = load_plan_inputs(adir)
+    carried = []
     for r in old:
-        if r["kind"] != "dq":
-            continue
-        ref = next(x for x in old if x["budget"] == r["budget"] and x["kind"] != "dq")
-        now = plan_sha(make_plan(inputs, ref["bytes"]))
-        if r.get("plan_sha") != now:
-            raise SystemExit(f"{r['file']}: the plan at this budget is not the one measured (plan fingerprint "
-                             f"{r.get('plan_sha', 'not recorded')} -> {now}); run its budget too")
-    carried = [{**r, "carried": True} for r in old]
-    order = [r["budget"] for r in json.loads(old_json.read_text())["rows"]]
+        mark = "reference"
+        if r["kind"] == "dq":
+            ref = next(x for x in old if x["budget"] == r["budget"] and x["kind"] != "dq")
+            mark = "same plan" if r.get("plan_sha") == plan_sha(make_plan(inputs, ref["bytes"])) else "stale"
+        carried.append({**r, "carried": mark})
+    order = [r["budget"] for r in everything]
     return sorted(rows + carried, key=lambda r: (order.index(r["budget"]) if r["budget"] in order else len(order),
                                                   r["kind"] == "dq"))
 
@@ -212,6 +215,8 @@ def verdicts(rows: list[dict]) -> list[dict]:
         ratio = r["kld_mean"] / ref["kld_mean"]
         target = STOCK_TARGET.get(r["budget"]) if ref["kind"] == "stock" else RECIPE_TARGET
         ok = None if target is None else (ratio <= target and r["bytes"] <= ref["bytes"])
+        if r.get("carried") == "stale":
+            ok = "stale"
         extra = ""
         if r["budget"] == "IQ1_S":
             extra = f"same-top {r['same_top']:.1%} (target >= 55%)"
@@ -225,13 +230,13 @@ def table(rows: list[dict], ver: list[dict]) -> str:
              "PPL ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pred = "-" if r.get("predicted_kld") is None else f"{r['predicted_kld']:.4g}"
-        lines.append(f"| {r['model']} | {r['file']}{' (c)' if r.get('carried') else ''} | {r['bytes']:,} | {r['bpw']:.3f} | {r['kld_mean']:.4f} ± "
+        lines.append(f"| {r['model']} | {r['file']}{_CARRIED_MARK.get(r.get('carried'), '')} | {r['bytes']:,} | {r['bpw']:.3f} | {r['kld_mean']:.4f} ± "
                      f"{r['kld_mean_stderr']:.4f} | {pred} | {r['kld_p999']:.3f} | {100 * r['same_top']:.1f}% | "
                      f"{r['ppl_ratio']:.3f} |")
     lines += ["", "| model | budget | dq KLD / reference KLD | reference | target | met |", "|---|---|---|---|---|---|"]
     for v in ver:
         t = "-" if v["target"] is None else f"<= {v['target']}x"
-        met = "-" if v["met"] is None else ("yes" if v["met"] else "**MISSED**")
+        met = {None: "-", True: "yes", False: "**MISSED**", "stale": "not re-measured (s)"}[v["met"]]
         lines.append(f"| {v['model']} | {v['budget']} | {v['kld_ratio']:.2f}x | {v['vs']} | {t} | {met} "
                      f"{v['note']} |")
     return "\n".join(lines)
@@ -299,8 +304,10 @@ def main() -> None:
                + (f" --recipes {' '.join(recipes)}" if recipes != list(RECIPES.get(m, {})) else "")
                + (" --carry-over" if args.carry_over else ""))
         if any(r.get("carried") for r in rows):
-            text += ("\n\n(c): carried over from the previous run of this table (same analysis settings and KLD "
-                     "text); each carried dq row's budget re-planned now gives the same plan.")
+            text += ("\n\nCarried over from the previous run of this table (same analysis settings and KLD text), "
+                     "not re-measured: (c) a reference file, or a dq row whose budget re-planned now gives the plan it "
+                     "measured; (s) a dq row of another plan (an older planner or analysis): re-planning its budget "
+                     "now gives different types, so the row says nothing about the current planner there.")
         (args.results / f"{stem}.md").write_text(f"# Quality vs size: {m}\n\n`{cmd}`\n\n{text}\n")
         plot(rows, args.results / f"{stem}.png")
 

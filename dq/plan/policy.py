@@ -1,16 +1,18 @@
 """Allocation policy: which types each tensor role may take. Data, stored in every plan, overridable.
 
 Defaults follow the Unsloth dynamic-quant recipe, with floors low enough for the measured damage model to
-decide (on Qwen2.5-Coder-1.5B a Q8_0 floor on the first down_proj layers and a Q4_K floor on the output head
-cost 0.13 of a predicted 0.43 mean KLD at the stock IQ2_XXS size; the head and early down_proj still never
-go below Q3_K and Q4_K):
+decide. On Qwen2.5-Coder-1.5B at the stock IQ1_M file's size, the earlier floors (output head Q3_K, early
+down_proj and super-weight tensors Q4_K) were binding and cost measured KLD: lowering them to Q2_K and
+IQ3_XXS took dq's plan from 0.70 to 0.59 mean KLD (0.53x -> 0.44x the stock mix;
+docs/results/policy_floors_qwen.md). The head and the protected tensors still never go below ~2.6 and
+~3 bits, above every FFN floor:
 - norms, routers and 1-D tensors stay in their source float type (never in the knapsack);
 - embeddings and the output head never go below a floor;
 - attention and shared experts never go below ~2.5 bits, while routed experts may go to 1.58-bit
   (IQ1_S, IQ1_M, TQ1_0) — so attention and shared experts always sit above the routed experts'
   floor;
 - the first ``first_down_layers`` dense (and shared-expert) down_proj tensors and every dense tensor
-  holding a super weight are kept at ``protected_floor`` (Q4_K) or above. A routed-expert tensor holding
+  holding a super weight are kept at ``protected_floor`` (IQ3_XXS) or above. A routed-expert tensor holding
   a super weight is raised to ``protected_expert_floor`` (IQ2_XXS, as Unsloth keeps DeepSeek's
   down_exps at 2.06 bits) instead: GGUF merges all experts of a layer into one tensor, so Q8_0 there
   would cost as much as the rest of the layer;
@@ -34,7 +36,7 @@ _R = TensorRole
 _Q = QuantFormat
 DEFAULT_ROLE_FLOORS: dict[TensorRole, QuantFormat] = {
     _R.EMBEDDING: _Q.Q2_K,
-    _R.OUTPUT: _Q.Q3_K,
+    _R.OUTPUT: _Q.Q2_K,
     _R.ATTN_Q: _Q.IQ2_XXS,
     _R.ATTN_K: _Q.IQ2_XXS,
     _R.ATTN_V: _Q.Q2_K,
@@ -85,7 +87,7 @@ class Policy:
     """
 
     role_floors: Mapping[TensorRole, QuantFormat] = field(default_factory=lambda: dict(DEFAULT_ROLE_FLOORS))
-    protected_floor: QuantFormat = QuantFormat.Q4_K
+    protected_floor: QuantFormat = QuantFormat.IQ3_XXS
     protected_expert_floor: QuantFormat = QuantFormat.IQ2_XXS
     first_down_layers: int = 2
     protect_super_weights: bool = True
@@ -159,7 +161,7 @@ class Policy:
                 raise PlanError(f"policy.role_floors: unknown role {role!r}; roles: {[r.value for r in TensorRole]}") from None
         return cls(
             role_floors=floors,
-            protected_floor=parse_format(d.get("protected_floor", QuantFormat.Q4_K.value)),
+            protected_floor=parse_format(d.get("protected_floor", QuantFormat.IQ3_XXS.value)),
             protected_expert_floor=parse_format(d.get("protected_expert_floor", QuantFormat.IQ2_XXS.value)),
             first_down_layers=int(d.get("first_down_layers", 2)),
             protect_super_weights=bool(d.get("protect_super_weights", True)),
