@@ -55,15 +55,21 @@ class GGUFHeader:
     alignment: int
     data_offset: int
 
-    def value(self, key: str):
-        """A scalar or string KV value (None if absent; arrays are not decoded)."""
+    def _typed(self, key: str) -> tuple[bytes, int, int] | None:
+        """The pair's bytes, its value type and where the value starts (None if the key is absent)."""
         raw = self.kv.get(key)
         if raw is None:
             return None
         (klen,) = struct.unpack_from("<Q", raw, 0)
-        pos = 8 + klen
-        (vtype,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
+        (vtype,) = struct.unpack_from("<I", raw, 8 + klen)
+        return raw, vtype, 12 + klen
+
+    def value(self, key: str):
+        """A scalar or string KV value (None if absent; arrays are not decoded)."""
+        typed = self._typed(key)
+        if typed is None:
+            return None
+        raw, vtype, pos = typed
         if vtype == _STRING:
             (n,) = struct.unpack_from("<Q", raw, pos)
             return raw[pos + 8 : pos + 8 + n].decode("utf-8")
@@ -73,18 +79,14 @@ class GGUFHeader:
 
     def first(self, key: str):
         """A scalar KV value, or the first element of a numeric array (per-layer hparams); None if absent."""
-        raw = self.kv.get(key)
-        if raw is None:
-            return None
-        (klen,) = struct.unpack_from("<Q", raw, 0)
-        pos = 8 + klen
-        (vtype,) = struct.unpack_from("<I", raw, pos)
-        if vtype != _ARRAY:
-            return self.value(key)
-        itype, count = struct.unpack_from("<IQ", raw, pos + 4)
+        typed = self._typed(key)
+        if typed is None or typed[1] != _ARRAY:
+            return None if typed is None else self.value(key)
+        raw, _, pos = typed
+        itype, count = struct.unpack_from("<IQ", raw, pos)
         if count == 0 or itype not in _SCALAR:
             return None
-        return struct.unpack_from("<" + _SCALAR[itype], raw, pos + 16)[0]
+        return struct.unpack_from("<" + _SCALAR[itype], raw, pos + 12)[0]
 
     @functools.cached_property
     def _file(self):
