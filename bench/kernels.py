@@ -27,6 +27,7 @@ import torch
 
 from dq.kernels import act_stats, dequantize, quant_error
 from dq.kernels.api import LATTICE_FORMATS, TRITON_DEQUANT_FORMATS
+from dq.kernels.ref_pack import quantize_bytes
 from dq.quant import QuantFormat, libggml, tensor_nbytes
 from dq.quant.formats import FORMATS
 
@@ -132,8 +133,10 @@ def main() -> int:
             raw = libggml.quantize(wn, fmt, ones)
             libggml.dequantize(raw, fmt, wn.shape)
             t_cpu = (time.perf_counter() - t0) * rows / wn.shape[0]
-            raw_full = libggml.quantize(w_cpu.numpy(), fmt, ones) if args.cpu_rows else raw
-            data = torch.frombuffer(bytearray(raw_full), dtype=torch.uint8).cuda()
+            if args.cpu_rows:  # the dequant input: the whole tensor's bytes from dq's port (libggml's bytes) on the GPU
+                data = quantize_bytes(w, fmt, None if ones is None else torch.from_numpy(ones).cuda()).reshape(-1)
+            else:
+                data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).cuda()
             t_deq = deq_gbps = None
             if fmt in TRITON_DEQUANT_FORMATS:
                 t_deq = gpu_time(lambda: dequantize(data, fmt, (rows, cols), torch.bfloat16, backend="triton"))

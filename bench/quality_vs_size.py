@@ -8,6 +8,12 @@ compared with the BF16 GGUF (the base) on held-out Wikipedia (disjoint from the 
 llama.cpp: mean KLD, p99.9 KLD, same-top-token rate, perplexity ratio.
 
     python bench/quality_vs_size.py --models qwen2.5-coder-1.5b --chunks 16
+    python bench/quality_vs_size.py --models qwen2.5-coder-1.5b --chunks 16 --device cuda   # all on one GPU
+
+With ``--device cuda`` the analysis, every file's quantization and the KLD pass run on the GPU: stock mixes and
+recipes through dq's port of llama.cpp's preset rules and its kernels (the same tensors as llama-quantize), and
+KLD by the torch backend against the Hugging Face model the BF16 GGUF was converted from (``dq eval --device
+cuda``; bench/results/eval_gpu*.md compares it with llama.cpp's KLD). Rows carry the device they were measured on.
 Prints a table and writes ``bench/results/quality_vs_size_<model>.{json,md,png}``.
 
 Resumable: each measured row is kept under ``<work>/rows/`` keyed by the file's name, size and mtime and the
@@ -57,7 +63,9 @@ def _row_key(path: Path, cfg) -> str:
     import hashlib
 
     st = path.stat()
-    return hashlib.sha256(f"{path.name}|{st.st_size}|{st.st_mtime_ns}|{cfg.ctx}|{cfg.chunks}".encode()).hexdigest()[:20]
+    backend = "" if cfg.device == "cpu" else f"|{cfg.device}"  # a row measured by llama.cpp keeps its old key
+    return hashlib.sha256(f"{path.name}|{st.st_size}|{st.st_mtime_ns}|{cfg.ctx}|{cfg.chunks}{backend}".encode()
+                          ).hexdigest()[:20]
 
 
 def _kld_row(model: str, label: str, kind: str, budget: str, path: Path, base: Path, cfg, n_weights: int,
@@ -75,7 +83,8 @@ def _kld_row(model: str, label: str, kind: str, budget: str, path: Path, base: P
     row = {"model": model, "file": label, "kind": kind, "budget": budget, "bytes": size,
            "bpw": 8 * size / n_weights, "kld_mean": r.kld_mean, "kld_mean_stderr": r.kld_mean_stderr,
            "kld_p99": r.kld_p99, "kld_p999": r.kld_p999, "same_top": r.same_top, "same_top_stderr": r.same_top_stderr,
-           "ppl_ratio": r.ppl_ratio, "predicted_kld": plan.predicted_damage if plan else None, "plan_seconds": plan_s}
+           "ppl_ratio": r.ppl_ratio, "predicted_kld": plan.predicted_damage if plan else None, "plan_seconds": plan_s,
+           "device": cfg.device}
     logging.info("%s %-20s %13s bytes  KLD %.4f  p99.9 %.3f  same-top %.3f  ppl x%.3f", model, label, f"{size:,}",
                  r.kld_mean, r.kld_p999, r.same_top, r.ppl_ratio)
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -113,47 +122,67 @@ def _same_plan(saved: Path, plan) -> bool:
     return QuantPlan.load(saved).explicit_types() == plan.explicit_types()
 
 
-def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chunks: int, ctx: int) -> list[dict]:
+def _reference_file(base: Path, path: Path, preset: str, rules, inputs, device: str) -> None:
+    """A stock or recipe file: llama.cpp's ``llama_model_quantize`` on the CPU; on a GPU, the same preset rules
+    through dq (:func:`dq.quant.assign.assign_preset`, llama.cpp's per-tensor choices ported and tested against
+    its dry run) and dq's kernels, whose bytes are llama.cpp's (tests/export/test_quantize_tiny.py)."""
+    from dq.export.gguf_quantize import quantize_gguf
+    from dq.quant.assign import assign_preset
+    from dq.quant.formats import QuantFormat
+    from dq.quant.llama_quantize import PRESETS, llama_quantize
+
+    if device == "cpu":
+        llama_quantize(base, path, preset, imatrix=inputs.imatrix.flat_weights(), overrides=rules or None)
+        return
+    overrides = [(rx, QuantFormat(t)) for rx, t in rules or ()]
+    a = assign_preset(base, preset, overrides, has_imatrix=True)
+    quantize_gguf(base, path, a, imatrix=inputs.imatrix, imatrix_name=inputs.imatrix_path.name,
+                  preset_ftype=PRESETS[preset], device=device)
+
+
+def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chunks: int, ctx: int,
+              device: str = "cpu") -> list[dict]:
     import math
 
-    from dq.analysis.analyze import analyze
+    from dq.analysis.analyze import AnalyzeOptions, analyze
     from dq.evals.kld import KLDConfig
     from dq.export.gguf_quantize import quantize_gguf
     from dq.export.tensor_cache import TensorCache
     from dq.plan.planner import load_plan_inputs, make_plan
     from dq.quant.assign import assign_types, read_source_tensors
-    from dq.quant.llama_quantize import llama_quantize
 
     adir = work / "analysis" / name
     t0 = time.time()
     if not (adir / "analysis.json").is_file():
-        analyze(name, adir, resume=True)
+        analyze(name, adir, AnalyzeOptions(device=device), resume=True)
     inputs = load_plan_inputs(adir)
     logging.info("%s: analysis ready (%.0f s)", name, time.time() - t0)
-    cfg = KLDConfig(ctx=ctx, chunks=chunks)
+    cfg = KLDConfig(ctx=ctx, chunks=chunks, device=device)
     base = inputs.source_gguf
+    # llama.cpp (CPU) compares with the BF16 GGUF; the torch backend (GPU) builds each file in the transformers
+    # model of the Hugging Face directory that GGUF was converted from
+    kld_base = base if device == "cpu" else inputs.model_dir
     sources = read_source_tensors(base)
     n_weights = sum(math.prod(s.shape) for s in sources)
     cache = TensorCache(work / "tensor-cache" / name)
     gdir = work / "gguf"
     gdir.mkdir(parents=True, exist_ok=True)
-    weights = inputs.imatrix.flat_weights()
     refs: list[tuple[str, str, str, Path]] = []  # (label, kind, budget name, path)
     for preset in presets:
         path = gdir / f"{name}-{preset}.gguf"
         if not path.is_file():
-            llama_quantize(base, path, preset, imatrix=weights)
+            _reference_file(base, path, preset, None, inputs, device)
         refs.append((f"stock {preset}", "stock", preset, path))
     for rname in recipes:
         ftype, rules = RECIPES[name][rname]
         path = gdir / f"{name}-{rname}.gguf"
         if not path.is_file():
-            llama_quantize(base, path, ftype, imatrix=weights, overrides=rules)
+            _reference_file(base, path, ftype, rules, inputs, device)
         refs.append((f"recipe {rname}", "recipe", rname, path))
     rows = []
     rows_dir = work / "rows" / name
     for label, kind, budget, path in refs:
-        rows.append(_kld_row(name, label, kind, budget, path, base, cfg, n_weights, rows_dir))
+        rows.append(_kld_row(name, label, kind, budget, path, kld_base, cfg, n_weights, rows_dir))
         rows[-1]["predicted_kld"] = predicted_for_file(inputs.damage, path)
         t1 = time.time()
         plan = make_plan(inputs, path.stat().st_size)
@@ -162,9 +191,9 @@ def run_model(name: str, work: Path, presets: list[str], recipes: list[str], chu
         saved = ours.with_suffix(".plan.yaml")
         if not (ours.is_file() and _same_plan(saved, plan)):
             quantize_gguf(base, ours, assign_types(sources, explicit=plan.explicit_types()), imatrix=inputs.imatrix,
-                          imatrix_name=inputs.imatrix_path.name, tensor_cache=cache)
+                          imatrix_name=inputs.imatrix_path.name, tensor_cache=cache, device=device)
             plan.save(saved)
-        rows.append(_kld_row(name, f"dq @ {budget}", "dq", budget, ours, base, cfg, n_weights, rows_dir, plan,
+        rows.append(_kld_row(name, f"dq @ {budget}", "dq", budget, ours, kld_base, cfg, n_weights, rows_dir, plan,
                              plan_s))
         rows[-1]["plan_sha"] = plan_sha(plan)
     return rows
@@ -263,6 +292,11 @@ def plot(rows: list[dict], path: Path) -> None:
                         label={"stock": "llama.cpp stock mix", "recipe": "hand recipe", "dq": "dq plan"}[kind])
                 for x, y, p in pts:
                     ax.annotate(p, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            stale = [(r["bytes"] / 1e6, r[key]) for r in rows
+                     if r["model"] == m and r.get("carried") == "stale"]
+            if stale:  # carried rows of an older plan: ringed, so a reader does not take them for measured ones
+                ax.scatter([s[0] for s in stale], [s[1] for s in stale], s=140, facecolors="none",
+                           edgecolors="red", label="stale (older plan, not re-measured)")
             if key in ("kld_mean", "ppl_ratio"):
                 ax.set_yscale("log")
             ax.set_xlabel("file size (MB)")
@@ -283,6 +317,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--work", type=Path, default=None, help="analyses, GGUFs, tensor cache (default $DQ_CACHE/bench)")
     ap.add_argument("--results", type=Path, default=Path("bench/results"))
+    ap.add_argument("--device", default="cpu",
+                    help="cuda: analysis, quantization (dq's kernels, llama.cpp's bytes) and KLD (the torch backend) "
+                         "on a GPU; every row of the table is then measured there")
     ap.add_argument("--carry-over", action="store_true",
                     help="keep the committed rows of budgets not run now (dq rows only if their plan is unchanged)")
     args = ap.parse_args()
@@ -291,7 +328,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     for m in args.models:
         recipes = list(RECIPES.get(m, {})) if args.recipes is None else args.recipes
-        rows = run_model(m, work, args.presets, recipes, args.chunks, args.ctx)
+        rows = run_model(m, work, args.presets, recipes, args.chunks, args.ctx, args.device)
         stem = f"quality_vs_size_{m}"  # model names hold dots (qwen2.5-coder-1.5b): no with_suffix
         if args.carry_over:
             rows = carry_over(rows, args.results / f"{stem}.json", work / "analysis" / m)
@@ -302,6 +339,7 @@ def main() -> None:
         cmd = (f"python bench/quality_vs_size.py --models {m} --chunks {args.chunks}"
                + (f" --presets {' '.join(args.presets)}" if args.presets != PRESETS else "")
                + (f" --recipes {' '.join(recipes)}" if recipes != list(RECIPES.get(m, {})) else "")
+               + (f" --device {args.device}" if args.device != "cpu" else "")
                + (" --carry-over" if args.carry_over else ""))
         if any(r.get("carried") for r in rows):
             text += ("\n\nCarried over from the previous run of this table (same analysis settings and KLD text), "
