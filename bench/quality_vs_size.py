@@ -311,7 +311,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
-    ap.add_argument("--presets", nargs="+", default=PRESETS)
+    ap.add_argument("--presets", nargs="*", default=PRESETS, help="stock budgets to run (none: recipes only)")
     ap.add_argument("--recipes", nargs="*", default=None, help="hand recipes to run (default: all of the model's)")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=512)

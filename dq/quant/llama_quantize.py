@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dq.atomic import atomic_path
 from dq.errors import UnknownFormatError
 from dq.quant.formats import FORMATS, QuantFormat, parse_format
 
@@ -148,11 +149,14 @@ def llama_quantize(
         arr[len(imatrix)].name = None
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep.append(arr)
-    out = str(dst) if dst is not None else "/dev/null"
-    with _captured_llama_log() as chunks:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), out.encode(), ctypes.byref(params))
-    log = "".join(chunks)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc}):\n" + "\n".join(log.splitlines()[-12:]))
+    # llama.cpp writes its output in place; a failure (or a kill) midway would leave a truncated GGUF under the
+    # final name, which a later run would take for a finished file: write beside it and rename when done
+    with contextlib.ExitStack() as stack:
+        out = "/dev/null" if dst is None or dry_run else str(stack.enter_context(atomic_path(dst)))
+        with _captured_llama_log() as chunks:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), out.encode(), ctypes.byref(params))
+        log = "".join(chunks)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize failed ({rc}):\n" + "\n".join(log.splitlines()[-12:]))
     requested = {m.group("name"): parse_format(m.group("req")) for m in _FALLBACK_LINE.finditer(log)}
     return LlamaQuantizeResult(types=_parse_types(log), requested=requested, log=log)

@@ -138,6 +138,33 @@ def test_interrupted_write_leaves_nothing(tiny_bf16_gguf, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_llama_quantize_killed_midway_leaves_no_file_under_the_name(tiny_bf16_gguf, tmp_path):
+    # the process dies (os._exit, as a kill would) once llama.cpp reports its second layer's first tensor: the
+    # output was opened and the first layer's tensors written; the final name must not exist then
+    import subprocess
+    import sys
+
+    dst = tmp_path / "m-Q8_0.gguf"
+    script = f"""
+import os
+import llama_cpp
+make = llama_cpp.llama_log_callback
+def dying(fn):
+    def wrapped(level, text, user_data):
+        fn(level, text, user_data)
+        if b"blk.1." in text:
+            os._exit(3)
+    return make(wrapped)
+llama_cpp.llama_log_callback = dying
+from dq.quant.llama_quantize import llama_quantize
+llama_quantize({str(tiny_bf16_gguf)!r}, {str(dst)!r}, "Q8_0")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert not dst.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the unfinished file, never renamed
+
+
 def test_a_failed_background_write_stops_the_file_and_leaves_nothing(tiny_bf16_gguf, tmp_path, monkeypatch):
     """Tensors are written on a writer thread while the next one quantizes; its error must surface."""
     from dq.quant.gguf_writer import GGUFFileWriter
