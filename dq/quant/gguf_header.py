@@ -80,9 +80,11 @@ class GGUFHeader:
     def first(self, key: str):
         """A scalar KV value, or the first element of a numeric array (per-layer hparams); None if absent."""
         typed = self._typed(key)
-        if typed is None or typed[1] != _ARRAY:
-            return None if typed is None else self.value(key)
-        raw, _, pos = typed
+        if typed is None:
+            return None
+        raw, vtype, pos = typed
+        if vtype != _ARRAY:
+            return self.value(key)
         itype, count = struct.unpack_from("<IQ", raw, pos)
         if count == 0 or itype not in _SCALAR:
             return None
