@@ -87,6 +87,7 @@ def main() -> None:
     from dq.export.gguf_quantize import quantize_gguf
     from dq.models import resolve_model
     from dq.quant.assign import assign_preset, parse_tensor_type
+    from dq.quant.gguf_header import read_gguf_header
     from dq.quant.imatrix import read_imatrix
     from dq.quant.llama_quantize import PRESETS, llama_quantize
 
@@ -121,8 +122,9 @@ def main() -> None:
                 for key, device in paths:
                     ours = Path(tmp) / f"dq-{key}.gguf"
                     t0 = time.perf_counter()
-                    a = assign_preset(src, preset, overrides, has_imatrix=True)
-                    quantize_gguf(src, ours, a, imatrix=imatrix, imatrix_name=im_path.name,
+                    header = read_gguf_header(src)  # as `dq quantize` does: one parse for preset and writer
+                    a = assign_preset(header, preset, overrides, has_imatrix=True)
+                    quantize_gguf(header, ours, a, imatrix=imatrix, imatrix_name=im_path.name,
                                   preset_ftype=PRESETS[preset], device=device, n_threads=args.threads)
                     times[key].append(time.perf_counter() - t0)
             row.update(llama_cpp_s=min(t_ll), llama_cpp_mb_s=mb / min(t_ll), llama_cpp_bytes=ref.stat().st_size)

@@ -21,6 +21,7 @@ from dq.errors import BudgetError
 from dq.export.gguf_quantize import quantize_gguf
 from dq.models import resolve_model
 from dq.quant.assign import TypeAssignment, assign_preset, parse_tensor_type
+from dq.quant.gguf_header import read_gguf_header
 from dq.quant.imatrix import read_imatrix
 from dq.quant.layout import predict_size
 from dq.quant.llama_quantize import PRESETS, parse_preset
@@ -171,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         assignment, imatrix_path, plan, mm = _plan_assignment(args, model, output, src, overrides)
         preset_ftype = None
     else:
+        src = read_gguf_header(src)  # parsed once: the preset, the size prediction and the writer share it
         assignment = assign_preset(src, preset, overrides, has_imatrix=imatrix_path is not None)
         preset_ftype = PRESETS[preset]
     imatrix = read_imatrix(imatrix_path) if imatrix_path else None

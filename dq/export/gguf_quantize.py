@@ -35,6 +35,7 @@ from dq.quant.layout import build_shard_writers, open_source
 
 if TYPE_CHECKING:
     from dq.export.tensor_cache import TensorCache
+    from dq.quant.gguf_header import GGUFHeader
 
 __all__ = ["QuantizeResult", "quantize_gguf"]
 
@@ -68,7 +69,7 @@ def _check_imatrix(assignment: TypeAssignment, imatrix: Imatrix | None) -> None:
 
 
 def quantize_gguf(
-    src: str | Path,
+    src: str | Path | GGUFHeader,
     dst: str | Path,
     assignment: TypeAssignment,
     *,
@@ -85,7 +86,8 @@ def quantize_gguf(
     """Quantize ``src`` into ``dst`` (atomically) with the types in ``assignment``.
 
     Args:
-        src: unquantized GGUF (BF16/F16/F32 from the converter).
+        src: unquantized GGUF (BF16/F16/F32 from the converter), or its header already parsed
+            (:func:`dq.quant.gguf_header.read_gguf_header`; the header is then not read again).
         dst: output path; a temp file beside it is renamed into place only when complete.
         assignment: per-tensor types from :func:`dq.quant.assign.assign_types`.
         imatrix: importance matrix, required for IQ1/IQ2/IQ3_XXS types.
@@ -104,6 +106,7 @@ def quantize_gguf(
         The path, its size (equal to :func:`predict_size`) and the assignment.
     """
     header = open_source(src, assignment)
+    src = header.path
     _check_imatrix(assignment, imatrix)
     writers = build_shard_writers(header, assignment, imatrix, imatrix_name, preset_ftype, split_max_bytes)
     paths = shard_paths(dst, len(writers))

@@ -61,8 +61,8 @@ class LibggmlQuantizer:
     def __call__(self, choice: TensorChoice, raw: np.ndarray, weights: np.ndarray | None) -> bytes | np.ndarray:
         if choice.stored is choice.source:
             return raw
-        parts = [libggml.requantize(part, choice.source, shape, choice.stored, im,
-                                    n_threads=self.n_threads, pool=self.pool)
+        parts = [libggml.requantize_array(part, choice.source, shape, choice.stored, im,
+                                          n_threads=self.n_threads, pool=self.pool)
                  for part, shape, im in _expert_slices(choice, raw, weights)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

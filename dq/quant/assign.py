@@ -175,7 +175,7 @@ def assign_types(
 
 
 def assign_preset(
-    gguf_path: str | Path,
+    gguf_path: str | Path | GGUFHeader,
     preset: str,
     overrides: Sequence[tuple[str, QuantFormat]] = (),
     explicit: Mapping[str, QuantFormat] | None = None,
@@ -187,18 +187,20 @@ def assign_preset(
     The preset's rules run in Python (:mod:`dq.quant.preset_rules`); on an architecture that port is not
     verified on, llama.cpp's own dry run decides. ``has_imatrix``: the file will be quantized with an
     importance matrix (llama.cpp's IQ3_XXS, IQ4_NL/IQ4_XS and Q4_0/Q5_0 mixes choose differently then).
+    ``gguf_path`` may be a header already parsed (:func:`dq.quant.gguf_header.read_gguf_header`), which
+    :func:`dq.export.gguf_quantize.quantize_gguf` takes too: the file's header is then read once.
     """
-    from dq.quant.gguf_header import read_gguf_header
+    from dq.quant.gguf_header import GGUFHeader, read_gguf_header
     from dq.quant.llama_quantize import llama_quantize, parse_preset
     from dq.quant.preset_rules import preset_types
 
     preset = parse_preset(preset)
-    header = read_gguf_header(gguf_path)
+    header = gguf_path if isinstance(gguf_path, GGUFHeader) else read_gguf_header(gguf_path)
     decided = preset_types(header, preset, has_imatrix=has_imatrix)
     if decided is None:
         # llama.cpp only asks whether an imatrix is given: any one entry tells its dry run so
         flag = {"dq.dry_run": np.ones(1, np.float32)} if has_imatrix else None
-        decided = llama_quantize(gguf_path, None, preset, dry_run=True, imatrix=flag)
+        decided = llama_quantize(header.path, None, preset, dry_run=True, imatrix=flag)
     return assign_types(
         read_source_tensors(header),
         preset_types=decided.types,

@@ -31,7 +31,7 @@ import numpy as np
 from dq.errors import ImatrixRequiredError
 from dq.quant.formats import FORMATS, QuantFormat, row_nbytes
 
-__all__ = ["quantize", "requantize", "dequantize", "default_threads", "library_path", "ggml_block_size", "ggml_type_size"]
+__all__ = ["quantize", "requantize", "requantize_array", "dequantize", "default_threads", "library_path", "ggml_block_size", "ggml_type_size"]
 
 _F32P = ctypes.POINTER(ctypes.c_float)
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, _F32P, ctypes.c_int64)
@@ -208,6 +208,9 @@ def requantize(
 ) -> bytes:
     """``quantize(dequantize(data, source, shape), fmt, imatrix)`` without the whole float32 tensor.
 
+    Returns ``bytes``; :func:`requantize_array` returns the same payload as the uint8 array it was written
+    into, without the copy (what a writer that takes any buffer wants).
+
     Each row chunk is converted to float32 and quantized by the same worker while it is in its cache;
     no step waits for the whole tensor, and only a chunk per thread of float32 exists at a time.
     The bytes are those of ``quantize`` (the same C calls on the same rows).
@@ -218,6 +221,20 @@ def requantize(
         shape: the tensor's shape; all but the last dimension are rows.
         fmt, imatrix, n_threads, pool: as for :func:`quantize`.
     """
+    return requantize_array(data, source, shape, fmt, imatrix, n_threads=n_threads, pool=pool).tobytes()
+
+
+def requantize_array(
+    data: bytes | np.ndarray,
+    source: QuantFormat,
+    shape: Sequence[int],
+    fmt: QuantFormat,
+    imatrix: np.ndarray | None = None,
+    *,
+    n_threads: int | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> np.ndarray:
+    """:func:`requantize`'s payload as a flat uint8 array (no copy into ``bytes``)."""
     shape = tuple(int(d) for d in shape)
     n_per_row = shape[-1]
     n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
@@ -225,7 +242,7 @@ def requantize(
     row_size = row_nbytes(fmt, n_per_row)
     im = _checked_imatrix(fmt, imatrix, n_per_row)
     if fmt is QuantFormat.F32:
-        return dequantize(buf, source, shape, n_threads=n_threads, pool=pool).tobytes()
+        return dequantize(buf, source, shape, n_threads=n_threads, pool=pool).reshape(-1).view(np.uint8)
     src_row = buf.nbytes // n_rows
     out = np.empty(n_rows * row_size, dtype=np.uint8)
     to_float = None if source is QuantFormat.F32 else _to_float(source)
@@ -243,7 +260,7 @@ def requantize(
 
     n_threads = n_threads or default_threads()
     _check_written(_map_chunks(run, _row_chunks(n_rows, n_per_row, n_threads), n_threads, pool), out, fmt)
-    return out.tobytes()
+    return out
 
 
 def _checked_imatrix(fmt: QuantFormat, imatrix: np.ndarray | None, n_per_row: int) -> np.ndarray | None:

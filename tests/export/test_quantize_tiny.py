@@ -61,7 +61,7 @@ def test_kernel_quantizer_writes_llama_cpps_file(preset, tiny_bf16_gguf, tiny_im
     def no_libggml(*a, **k):
         raise AssertionError("the kernel path fell back to libggml")
 
-    monkeypatch.setattr(libggml, "requantize", no_libggml)
+    monkeypatch.setattr(libggml, "requantize_array", no_libggml)
     ours = quantize_gguf(tiny_bf16_gguf, tmp_path / "dev.gguf", assignment, imatrix=imatrix,
                          preset_ftype=PRESETS[preset], device="cpu", kernels=True)
     assert _tensors(ours.path) == _tensors(tmp_path / "ref.gguf")
@@ -218,7 +218,7 @@ def test_tensor_cache_gives_llama_cpp_bytes_and_skips_requantizing(tiny_bf16_ggu
     def no_quantizing(*a, **k):
         raise AssertionError("a cached tensor was quantized again")
 
-    monkeypatch.setattr(libggml, "requantize", no_quantizing)
+    monkeypatch.setattr(libggml, "requantize_array", no_quantizing)
     again = quantize_gguf(tiny_bf16_gguf, tmp_path / "b.gguf", assignment, imatrix=imatrix,
                           preset_ftype=PRESETS["IQ2_XXS"], tensor_cache=TensorCache(tmp_path / "cache"))
     assert again.path.read_bytes() == first.path.read_bytes()
