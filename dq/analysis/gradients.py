@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -357,8 +358,9 @@ def head_probe(
     whole in memory.
     """
     n, s_len, d = normed.shape
+    dev = torch.device(sk.device)
     sc = scored_positions(s_len)
-    x = normed[:, sc].reshape(-1, d).float().cpu()
+    x = normed[:, sc].reshape(-1, d).float().to(dev)
     per_seq = sc.stop - sc.start
     rows_total = int(sk.module_param(head_weight).shape[0])
     chunk = head_chunk_rows(d, spec.n_probes * per_seq)
@@ -370,41 +372,53 @@ def head_probe(
             return t * softcap, 1 - t * t
         return z, None
 
-    def signs(k: int, cols: int) -> torch.Tensor:
-        return probe_signs(n, per_seq, cols, spec.seed, k, first_probe)
+    def chunks():
+        """The head's row chunks on ``dev``, each with its probes' signs (drawn on the CPU, the same on every
+        device); on a GPU the next chunk's signs are drawn while this one computes."""
+        with ThreadPoolExecutor(1) as pool:
+            nxt = None
+            for k, (r0, w) in enumerate(sk.iter_rows(head_weight, chunk)):
+                cols = w.shape[0]
+                cur = nxt if nxt is not None else pool.submit(probe_signs, n, per_seq, cols, spec.seed, k, first_probe)
+                nxt = (pool.submit(probe_signs, n, per_seq, min(chunk, rows_total - r0 - cols), spec.seed, k + 1,
+                                   first_probe) if dev.type != "cpu" and r0 + cols < rows_total else None)
+                yield r0, w.to(dev), cur.result().to(dev)
 
-    m = torch.full((x.shape[0],), -torch.inf)
-    ssum = torch.zeros(x.shape[0])
+    m = torch.full((x.shape[0],), -torch.inf, device=dev)
+    ssum = torch.zeros(x.shape[0], device=dev)
     for _, w in sk.iter_rows(head_weight, chunk):
-        z, _ = logits(w)
+        z, _ = logits(w.to(dev))
         m_new = torch.maximum(m, z.max(-1).values)
         ssum = ssum * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(-1)
         m = m_new
     lse = m + torch.log(ssum)
-    c = torch.zeros(x.shape[0])
+    c = torch.zeros(x.shape[0], device=dev)
     mass = np.zeros(rows_total)
-    for k, (r0, w) in enumerate(sk.iter_rows(head_weight, chunk)):
+    for r0, w, r in chunks():
         z, dcap = logits(w)
         p = torch.exp(z - lse[:, None])
-        c += (torch.exp(0.5 * (z - lse[:, None])) * signs(k, z.shape[1])).sum(-1)
+        c += (torch.exp(0.5 * (z - lse[:, None])) * r).sum(-1)
         fisher = p * (1 - p) if dcap is None else p * (1 - p) * dcap * dcap
-        mass[r0 : r0 + w.shape[0]] = fisher.sum(0, dtype=torch.float64).numpy()
+        mass[r0 : r0 + w.shape[0]] = fisher.sum(0, dtype=torch.float64).cpu().numpy()
     if ranks is not None:
         mass = ranks.sum(mass)  # every process draws the same rows from every probe's mass
     rows, pi = fisher_rows(mass, n_rows, spec.seed)
     g = torch.zeros_like(x)
-    sel = None if rows is None else torch.from_numpy(rows)
+    sel = None if rows is None else torch.from_numpy(rows).to(dev)
     weight = torch.from_numpy(1.0 / np.sqrt(pi))
-    grads = [torch.zeros(rows_total if sel is None else len(sel), d, dtype=torch.float64) for _ in range(n)]
-    for k, (r0, w) in enumerate(sk.iter_rows(head_weight, chunk)):
+    # every row's gradient (no subset) is [V, d] per probe: that stays in host memory
+    acc = dev if sel is not None else torch.device("cpu")
+    grads = [torch.zeros(rows_total if sel is None else len(sel), d, dtype=torch.float64, device=acc)
+             for _ in range(n)]
+    for r0, w, r in chunks():
         z, dcap = logits(w)
         p = torch.exp(z - lse[:, None])
-        v = (p.sqrt() * signs(k, z.shape[1]) - p * c[:, None]) * spec.scale
+        v = (p.sqrt() * r - p * c[:, None]) * spec.scale
         if dcap is not None:
             v = v * dcap
         g += v @ w
         if sel is None:
-            local, dest = torch.arange(w.shape[0]), torch.arange(r0, r0 + w.shape[0])
+            local, dest = torch.arange(w.shape[0], device=dev), torch.arange(r0, r0 + w.shape[0])
         else:
             inside = (sel >= r0) & (sel < r0 + w.shape[0])
             dest = inside.nonzero().flatten()
@@ -412,10 +426,10 @@ def head_probe(
         if len(local):
             for j in range(n):
                 t = slice(j * per_seq, (j + 1) * per_seq)
-                grads[j][dest] += v[t][:, local].T.double() @ x[t].double()
+                grads[j][dest] += (v[t][:, local].T.double() @ x[t].double()).to(acc)
     g_full = torch.zeros(n, s_len, d)
-    g_full[:, sc] = g.reshape(n, per_seq, d)
-    return g_full, rows, [(gr * weight[:, None]).float().numpy() for gr in grads]
+    g_full[:, sc] = g.cpu().reshape(n, per_seq, d)
+    return g_full, rows, [(gr.cpu() * weight[:, None]).float().numpy() for gr in grads]
 
 
 def norm_backward(norm: nn.Module, hidden: torch.Tensor, g_normed: torch.Tensor, device: str) -> torch.Tensor:
