@@ -21,7 +21,7 @@ from dq.errors import BudgetError
 from dq.export.gguf_quantize import quantize_gguf
 from dq.models import resolve_model
 from dq.quant.assign import TypeAssignment, assign_preset, parse_tensor_type
-from dq.quant.gguf_header import read_gguf_header
+from dq.quant.gguf_header import GGUFHeader, read_gguf_header
 from dq.quant.imatrix import read_imatrix
 from dq.quant.layout import predict_size
 from dq.quant.llama_quantize import PRESETS, parse_preset
@@ -138,7 +138,7 @@ def _auto_plan(args: argparse.Namespace, model: Path, output: Path) -> Path:
     return plan_path if not args.dry_run else plan
 
 
-def _plan_assignment(args, model: Path, output: Path, src: Path, overrides):
+def _plan_assignment(args, model: Path, output: Path, src: GGUFHeader, overrides):
     from dq.analysis.artifact import imatrix_beside
     from dq.convert.source import mmproj_gguf
     from dq.plan.artifact import QuantPlan
@@ -165,14 +165,14 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or Path(f"{model.stem if model.is_file() else model.name}-{tag}.gguf")
     if not args.dry_run:
         check_writable(output)
-    src = source_gguf(model)
+    # parsed once: the plan check or preset, the size prediction and the writer share it
+    src = read_gguf_header(source_gguf(model))
     imatrix_path = args.imatrix
     plan = mm = None
     if args.plan:
         assignment, imatrix_path, plan, mm = _plan_assignment(args, model, output, src, overrides)
         preset_ftype = None
     else:
-        src = read_gguf_header(src)  # parsed once: the preset, the size prediction and the writer share it
         assignment = assign_preset(src, preset, overrides, has_imatrix=imatrix_path is not None)
         preset_ftype = PRESETS[preset]
     imatrix = read_imatrix(imatrix_path) if imatrix_path else None

@@ -106,7 +106,6 @@ def quantize_gguf(
         The path, its size (equal to :func:`predict_size`) and the assignment.
     """
     header = open_source(src, assignment)
-    src = header.path
     _check_imatrix(assignment, imatrix)
     writers = build_shard_writers(header, assignment, imatrix, imatrix_name, preset_ftype, split_max_bytes)
     paths = shard_paths(dst, len(writers))
@@ -125,7 +124,7 @@ def quantize_gguf(
                 try:
                     for i in idx:
                         choice, tensor = assignment.choices[i], header.tensors[i]
-                        payload = _cached_payload(choice, tensor, header, src, imatrix, quantizer, tensor_cache)
+                        payload = _cached_payload(choice, tensor, header, imatrix, quantizer, tensor_cache)
                         if pending is not None:
                             pending.result()
                         pending = io.submit(writer.write_tensor, choice.name, payload)
@@ -162,13 +161,13 @@ def _wait_quietly(f: Future) -> None:
         pass
 
 
-def _cached_payload(choice: TensorChoice, tensor, header, src, imatrix: Imatrix | None, quantizer: Quantizer,
+def _cached_payload(choice: TensorChoice, tensor, header: GGUFHeader, imatrix: Imatrix | None, quantizer: Quantizer,
                     tensor_cache: TensorCache | None) -> bytes | np.ndarray:
     raw = header.tensor_bytes(tensor, tensor_nbytes(choice.source, choice.shape))
     weights = imatrix.weights_for(choice.name) if imatrix is not None else None
     if tensor_cache is None or choice.stored is choice.source:
         return quantizer(choice, raw, weights)
-    digest = tensor_cache.source_digest(Path(src), choice.name, raw)
+    digest = tensor_cache.source_digest(header.path, choice.name, raw)
     payload = tensor_cache.get(digest, choice.stored, weights, choice.nbytes)
     if payload is None:
         payload = quantizer(choice, raw, weights)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dq.errors import PlanError
 from dq.export.gguf_quantize import QuantizeResult, quantize_gguf
 from dq.plan.artifact import QuantPlan
 from dq.quant.assign import assign_types, read_source_tensors
 from dq.quant.imatrix import Imatrix
+
+if TYPE_CHECKING:
+    from dq.quant.gguf_header import GGUFHeader
 
 __all__ = ["mmproj_path", "write_plan_files"]
 
@@ -29,7 +33,7 @@ def mmproj_path(out: str | Path) -> Path:
 
 def write_plan_files(
     plan: QuantPlan,
-    text_src: str | Path,
+    text_src: str | Path | GGUFHeader,
     mmproj_src: str | Path | None,
     out: str | Path,
     *,
